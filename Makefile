@@ -1,0 +1,50 @@
+# Every target builds its own virtual environment; nothing is installed outside it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch 2.13.0 installs from local disk in seconds; a plain `torch`
+# requirement would pull a multi-GB CUDA build. Override with TORCH_SPEC="torch==X" for GPUs.
+TORCH_SPEC ?= torch==2.13.0
+SAMPLES ?= data/samples
+DEMO_RUN ?= runs/demo-nuclei
+
+.PHONY: venv test test-slow lint format demo bench bench-quality clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow tests
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: venv
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+demo: venv
+	$(PY) -m scaleprotoseg data samples --out $(SAMPLES)
+	$(PY) -m scaleprotoseg train -c configs/samples/nuclei_scaleprotoseg.yaml --run $(DEMO_RUN)
+	$(PY) -m scaleprotoseg evaluate $(DEMO_RUN)
+	$(PY) -m scaleprotoseg report $(DEMO_RUN)
+	@echo "Demo run: $(DEMO_RUN)  report: $(DEMO_RUN)/report/index.html"
+
+bench: venv
+	$(PY) benchmarks/run_all.py
+
+bench-quality: venv
+	$(PY) benchmarks/quality.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,67 @@
+"""Command-line entry point: ``scaleprotoseg VERB ...`` (also ``python -m scaleprotoseg``).
+
+Each verb lives in its own module under :mod:`scaleprotoseg.commands`, which defines ``add_arguments(parser)`` and
+``run(args) -> int``; this file only dispatches, importing a verb's module when it is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS = {
+    "data": "check data folders and build the real sample datasets",
+    "train": "train a model through all its stages (resumable)",
+    "evaluate": "measure a trained run: mIoU, per-class IoU, confusion matrix",
+    "predict": "segment images with a trained run",
+    "explain": "explain a prediction with prototypes and groups",
+    "analyze": "interpretability metrics and analyses of a trained run",
+    "report": "write a self-contained HTML report of a run",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaleprotoseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, help_text in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p.set_defaults(_verb=verb)
+    return parser
+
+
+def _version() -> str:
+    from scaleprotoseg import __version__
+
+    return f"scaleprotoseg {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Parse only the verb first, then let the verb's module add its own arguments.
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    if verb not in VERBS:
+        args = parser.parse_args(argv)  # prints help or the error for an unknown verb
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"scaleprotoseg.commands.{verb}")
+    verb_parser = argparse.ArgumentParser(prog=f"scaleprotoseg {verb}", description=VERBS[verb])
+    module.add_arguments(verb_parser)
+    idx = argv.index(verb)
+    args = verb_parser.parse_args(argv[:idx] + argv[idx + 1 :])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

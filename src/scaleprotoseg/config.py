@@ -1,0 +1,392 @@
+"""Typed configuration: dataclasses (the schema), YAML files and ``--set a.b=c`` overrides.
+
+Unknown keys are errors that list the valid ones; values are checked against the annotated types. The method's
+default stage list (paper section 3.3, supplement 6) is filled in by :func:`default_stages` when a config names no
+stages, so a YAML file only states what differs from the paper's Cityscapes schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+METHODS = ("scaleprotoseg", "protoseg", "deeplabv2")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key, the value and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is read and augmented."""
+
+    name: str = "folder"  # dataset registry name (scaleprotoseg.data)
+    root: str = ""  # dataset root directory
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int = 0  # 0: taken from the dataset
+    ignore_index: int = 255
+    crop_size: list[int] = field(default_factory=lambda: [321, 321])  # (height, width) of training crops
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])  # random scale jitter
+    flip: bool = True
+    normalization: Literal["imagenet", "tf"] = "imagenet"  # tf: (x - 127) / 128
+    msc_scales: list[float] = field(default_factory=list)  # multi-scale inputs with max fusion, e.g. [0.5, 0.75, 1]
+    test_mode: Literal["whole", "sliding", "short_side"] = "whole"
+    test_size: int = 0  # short side for short_side; window for sliding (0: crop size)
+    batch_size: int = 2
+    val_batch_size: int = 1
+    num_workers: int = 2
+    max_train_samples: int = 0  # 0: all
+    max_val_samples: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # dataset-specific options
+
+
+@dataclass
+class ModelConfig:
+    """Which of the three systems, on which backbone, with which head sizes."""
+
+    method: Literal["scaleprotoseg", "protoseg", "deeplabv2"] = "scaleprotoseg"
+    backbone: str = "resnet101"
+    pretrained: str | None = None  # None, a state-dict path, or "package" (weights from an installed package)
+    output_stride: int = 8
+    freeze_bn: bool = True
+    bn_momentum: float = 0.0  # 0: library default; EfficientNet-Lite0 trains best with a higher value (e.g. 0.01)
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    aspp_channels: int = 64  # D: prototype dimension (per scale for ScaleProtoSeg)
+    prototypes_per_class: int = 3  # per scale for ScaleProtoSeg (M), in total for ProtoSeg
+    groups_per_class: int = 3  # N_c
+    group_activation: Literal["ratio", "geometric"] = "ratio"  # see grouping.py
+    activation_eps: float = 1e-4  # epsilon of Eq. 1
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (Eqs. 7 and 9)."""
+
+    ce: float = 1.0
+    diversity: float = 0.25  # lambda_J
+    l1_proto: float = 1e-4  # off-class L1 on h_proto
+    entropy: float = 0.05  # lambda_ent
+    l1_group: float = 1e-3  # off-class L1 on h_group (lambda_L1 of Eq. 9)
+    jeffreys: Literal["half", "full"] = "half"  # half: 0.5 (KL(p||q) + KL(q||p)), the release; full: Eq. 4 as written
+    msc_all_scales: bool = True  # with multi-scale inputs: CE on every scale's logits and on the fused ones
+
+
+@dataclass
+class StageConfig:
+    """One step of the multi-stage procedure."""
+
+    kind: Literal["train", "projection", "pruning", "threshold"] = "train"
+    steps: int = 0  # optimizer steps (train stages)
+    trainable: list[str] = field(default_factory=list)  # parameter groups: backbone, aspp, prototypes, ...
+    lr: dict[str, float] = field(default_factory=dict)  # learning rate per parameter group
+    schedule: Literal["constant", "poly"] = "constant"
+    power: float = 0.9
+    accumulation: int = 1  # gradient accumulation (effective batch = batch_size * accumulation)
+    weight_decay: float = 5e-4  # on conv/linear weights only
+    losses: list[str] = field(default_factory=list)  # loss terms; empty: the method's default for this stage
+    alpha: float = 0.05  # threshold stage: group weights below alpha are zeroed
+    prune_k: int = 6  # pruning stage: nearest patches inspected
+    prune_threshold: int = 3  # pruning stage: prune when fewer than this many of the k are of the class
+    enabled: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The run as a whole."""
+
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision on CUDA only
+    stages: dict[str, StageConfig] = field(default_factory=dict)  # ordered; empty: default_stages(method)
+    log_every: int = 10
+    val_every: int = 0  # optimizer steps between validations (0: at the end of each train stage only)
+    checkpoint_every: int = 200  # optimizer steps between mid-stage checkpoints
+    tensorboard: bool = False
+    deterministic: bool = True
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Default schedules (REFERENCE-NOTES schedule table, Cityscapes values)
+
+
+def default_stages(method: str) -> dict[str, StageConfig]:
+    """The paper's stage list for ``method`` with the Cityscapes step counts and learning rates."""
+    S = StageConfig
+    if method == "scaleprotoseg":
+        return {
+            "warmup": S(steps=3000, trainable=["aspp", "prototypes"], lr={"aspp": 2.5e-4, "prototypes": 2.5e-4},
+                        accumulation=5, losses=["ce", "diversity", "l1_proto"]),
+            "joint": S(steps=30000, trainable=["backbone", "aspp", "prototypes"],
+                       lr={"backbone": 2.5e-5, "aspp": 2.5e-4, "prototypes": 2.5e-4}, schedule="poly",
+                       accumulation=5, losses=["ce", "diversity", "l1_proto"]),
+            "projection": S(kind="projection"),
+            "group_warmup": S(steps=2000, trainable=["groups"], lr={"groups": 2.5e-4}, accumulation=5,
+                              losses=["ce", "entropy", "l1_group"]),
+            "group_joint": S(steps=30000, trainable=["groups", "last_layer"],
+                             lr={"groups": 2.5e-4, "last_layer": 2.5e-4}, schedule="poly", accumulation=5,
+                             losses=["ce", "entropy", "l1_group"]),
+            "threshold": S(kind="threshold", alpha=0.05),
+        }
+    if method == "protoseg":
+        return {
+            "warmup": S(steps=3000, trainable=["aspp", "prototypes"], lr={"aspp": 2.5e-4, "prototypes": 2.5e-4},
+                        accumulation=5, losses=["ce", "diversity", "l1_proto"]),
+            "joint": S(steps=30000, trainable=["backbone", "aspp", "prototypes"],
+                       lr={"backbone": 2.5e-5, "aspp": 2.5e-4, "prototypes": 2.5e-4}, schedule="poly",
+                       accumulation=5, losses=["ce", "diversity", "l1_proto"]),
+            "projection": S(kind="projection"),
+            "pruning": S(kind="pruning", prune_k=6, prune_threshold=3),
+            "finetune": S(steps=2000, trainable=["last_layer"], lr={"last_layer": 1e-5}, accumulation=5,
+                          losses=["ce", "diversity", "l1_proto"]),
+        }
+    if method == "deeplabv2":
+        return {
+            "train": S(steps=30000, trainable=["backbone", "aspp"], lr={"backbone": 2.5e-4, "aspp": 2.5e-3},
+                       schedule="poly", accumulation=5, losses=["ce"]),
+        }
+    raise ConfigError(f"model.method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Typed conversion from plain data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not valid; expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        vt = args[1] if args else Any
+        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the list of valid ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {full!r}; valid keys here: {', '.join(names)}")
+        tp = hints[key]
+        if cls is TrainConfig and key == "stages":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of stage name to stage settings, got {value!r}")
+            kwargs[key] = {str(k): from_dict(StageConfig, v or {}, f"{full}.{k}") for k, v in value.items()}
+            continue
+        kwargs[key] = _convert(value, tp, full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data view of a config (for YAML)."""
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Overrides and files
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a plain mapping; returns a new mapping."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config; a top-level ``base: other.yaml`` (relative to this file) is merged underneath."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = (path.parent / base).resolve()
+        if base_path in seen:
+            raise ConfigError(f"{path}: circular base {base_path}")
+        data = _merge(_read_yaml(base_path, (*seen, base_path)), data)
+    return data
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a plain mapping into a :class:`Config` and fill in the method's default stages."""
+    try:
+        cfg = from_dict(Config, data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    defaults = default_stages(cfg.model.method)
+    raw_stages = (data.get("train") or {}).get("stages") or {}
+    if raw_stages:
+        # Stages named in the file override the defaults field by field; unnamed defaults keep their values.
+        stages: dict[str, StageConfig] = {}
+        names = list(defaults) + [k for k in raw_stages if k not in defaults]
+        for name in names:
+            base = to_dict(defaults[name]) if name in defaults else {}
+            merged = _merge(base, raw_stages.get(name) or {})
+            stages[name] = from_dict(StageConfig, merged, f"train.stages.{name}")
+        cfg.train.stages = stages
+    else:
+        cfg.train.stages = defaults
+    validate(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return build_config(data, str(path) if path else "config")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+TRAINABLE_GROUPS = ("backbone", "aspp", "prototypes", "groups", "last_layer")
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Semantic checks that a type check cannot make; each error names the key and the expected value."""
+
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{source}: {msg}")
+
+    m, d = cfg.model, cfg.data
+    if m.output_stride not in (8, 16, 1) and m.backbone != "unet":
+        fail(f"model.output_stride: {m.output_stride} is not supported; expected 8 or 16")
+    if not m.aspp_rates:
+        fail("model.aspp_rates: expected at least one atrous rate")
+    if m.aspp_channels <= 0 or m.prototypes_per_class <= 0 or m.groups_per_class <= 0:
+        fail("model.aspp_channels, prototypes_per_class and groups_per_class must be positive")
+    if len(d.crop_size) != 2 or min(d.crop_size) <= 0:
+        fail(f"data.crop_size: {d.crop_size} is not valid; expected [height, width] with positive values")
+    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
+        fail(f"data.scale_range: {d.scale_range} is not valid; expected [low, high] with 0 < low <= high")
+    if d.batch_size <= 0:
+        fail(f"data.batch_size: {d.batch_size} is not valid; expected a positive integer")
+    for name, st in cfg.train.stages.items():
+        for g in st.trainable:
+            if g not in TRAINABLE_GROUPS:
+                fail(f"train.stages.{name}.trainable: unknown group {g!r}; expected any of {', '.join(TRAINABLE_GROUPS)}")
+        for g in st.lr:
+            if g not in TRAINABLE_GROUPS:
+                fail(f"train.stages.{name}.lr: unknown group {g!r}; expected any of {', '.join(TRAINABLE_GROUPS)}")
+        missing = [g for g in st.trainable if g not in st.lr]
+        if st.kind == "train" and st.enabled and missing:
+            fail(f"train.stages.{name}.lr: no learning rate for trainable group(s) {', '.join(missing)}")
+        if st.kind == "train" and st.enabled and st.steps <= 0:
+            fail(f"train.stages.{name}.steps: {st.steps} is not valid; expected a positive number of steps")
+        if st.accumulation <= 0:
+            fail(f"train.stages.{name}.accumulation: {st.accumulation}; expected a positive integer")
+        if not 0 <= st.alpha < 1:
+            fail(f"train.stages.{name}.alpha: {st.alpha}; expected 0 <= alpha < 1")
