@@ -1,0 +1,177 @@
+"""The training objective: cross-entropy on the feature grid, the diversity loss (Eqs. 3-6), the group entropy
+(Eq. 8) and the off-class L1 terms (Eq. 9 and ProtoPNet's last-layer L1). Each returns its named term; Eq. 7 and
+Eq. 9 are their weighted sums in :func:`compute_losses`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from scaleprotoseg.ops import resize_labels
+
+
+def cross_entropy_on_grid(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Per-cell cross-entropy with the labels downsampled (nearest) to the logits' grid; ignore cells excluded.
+
+    Returns 0 (with a graph) when no cell is labelled, instead of NaN.
+    """
+    small = resize_labels(labels, tuple(logits.shape[-2:]))
+    if not (small != ignore_index).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, small, ignore_index=ignore_index)
+
+
+def _member_table(
+    prototype_class: torch.Tensor, prototype_scale: torch.Tensor, num_classes: int, num_scales: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, S, M) table of prototype indices per (class, scale), padded, with its validity mask."""
+    key = prototype_class * num_scales + prototype_scale
+    counts = torch.bincount(key, minlength=num_classes * num_scales)
+    m = max(int(counts.max()), 1)
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    rank = torch.arange(len(order), device=key.device) - (torch.cumsum(counts, 0) - counts)[sorted_key]
+    index = torch.zeros(num_classes * num_scales, m, dtype=torch.long, device=key.device)
+    mask = torch.zeros_like(index, dtype=torch.bool)
+    index[sorted_key, rank] = order
+    mask[sorted_key, rank] = True
+    return index.view(num_classes, num_scales, m), mask.view(num_classes, num_scales, m)
+
+
+def diversity_loss(
+    distances: torch.Tensor,
+    labels: torch.Tensor,
+    prototype_class: torch.Tensor,
+    prototype_scale: torch.Tensor,
+    num_classes: int,
+    num_scales: int,
+    *,
+    jeffreys: Literal["half", "full"] = "half",
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Diversity loss L_J (Eqs. 3-6), computed independently per scale, vectorised over images, classes, scales and
+    prototype pairs.
+
+    For every image b, class c with at least 2 labelled cells, and scale s: each prototype of (c, s) gets the
+    softmax of its squared distances over the cells of class c (Eq. 3, positive sign as in the release); every pair
+    of them contributes ``exp(-D_J)`` (Eq. 4). ``jeffreys="half"`` uses 0.5 * (KL(p||q) + KL(q||p)) as the release
+    does; ``"full"`` the plain Jeffrey's divergence of Eq. 4. The result is the flat mean over all (image, class,
+    scale, pair) terms (the release's reduction; with equal prototypes per (c, s) it is the mean of Eq. 5 over the
+    (image, class, scale) triples present). Returns 0 when no term exists.
+
+    Args:
+        distances: (B, P, h, w) squared distances on the feature grid.
+        labels: (B, h, w) labels on the same grid (already downsampled), ``ignore_index`` for void.
+    """
+    B, P, h, w = distances.shape
+    if labels.shape != (B, h, w):
+        raise ValueError(f"diversity_loss: labels have shape {tuple(labels.shape)}; expected {(B, h, w)}")
+    index, valid = _member_table(prototype_class, prototype_scale, num_classes, num_scales)  # (C, S, M)
+    lab = labels.reshape(B, h * w)
+    onehot_cells = lab.unsqueeze(1) == torch.arange(num_classes, device=lab.device).view(1, -1, 1)  # (B, C, HW)
+    enough = onehot_cells.sum(-1) >= 2
+    b_idx, c_idx = torch.nonzero(enough, as_tuple=True)  # the (image, class) pairs present
+    if len(b_idx) == 0:
+        return distances.sum() * 0.0
+    C_, S, M = index.shape
+    d = distances.reshape(B, P, h * w)
+    # (K, S*M, HW): distances of each present pair's class prototypes.
+    gathered = d[b_idx.view(-1, 1), index[c_idx].view(len(c_idx), S * M)]
+    gathered = gathered.view(len(b_idx), S, M, h * w)
+    cells = onehot_cells[b_idx, c_idx].view(-1, 1, 1, h * w)  # (K, 1, 1, HW)
+    logp = torch.log_softmax(gathered.masked_fill(~cells, float("-inf")), dim=-1)
+    logp = logp.masked_fill(~cells, 0.0)  # 0 * log 0 := 0 outside the class cells
+    prob = logp.exp() * cells
+    self_term = (prob * logp).sum(-1)  # (K, S, M): sum p_i log p_i
+    cross = torch.einsum("ksix,ksjx->ksij", prob, logp)  # sum p_i log p_j
+    jd = self_term.unsqueeze(-1) + self_term.unsqueeze(-2) - cross - cross.transpose(-1, -2)  # (K, S, M, M)
+    if jeffreys == "half":
+        jd = 0.5 * jd
+    elif jeffreys != "full":
+        raise ValueError(f"jeffreys {jeffreys!r} is not valid; expected 'half' or 'full'")
+    pair_valid = valid[c_idx].unsqueeze(-1) & valid[c_idx].unsqueeze(-2)  # (K, S, M, M)
+    upper = torch.triu(torch.ones(M, M, dtype=torch.bool, device=d.device), diagonal=1)
+    pair_valid = pair_valid & upper
+    if not pair_valid.any():
+        return distances.sum() * 0.0
+    return torch.exp(-jd)[pair_valid].mean()
+
+
+def group_entropy_loss(weight: torch.Tensor, member_mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Group entropy L_ent (Eq. 8): the mean over all groups of the entropy of their simplex row, normalised by
+    log |P_c| (the release's normalisation, so a uniform row scores ~1) with ``eps`` inside the log.
+
+    Args:
+        weight: (C, N, K) group weights; entries outside ``member_mask`` are ignored.
+        member_mask: (C, K) which columns are prototypes of the class.
+    """
+    mask = member_mask.unsqueeze(1).expand_as(weight)
+    w = weight * mask
+    ent = -(w * torch.log(w + eps)).sum(-1)  # (C, N)
+    size = member_mask.sum(-1).to(weight.dtype)  # |P_c|
+    norm = torch.where(size > 1, torch.log(size.clamp_min(2)), torch.ones_like(size))
+    has = size > 0
+    return (ent / norm.unsqueeze(-1))[has].mean()
+
+
+def off_class_l1(weight: torch.Tensor, column_class: torch.Tensor) -> torch.Tensor:
+    """Sum of |w| over the last-layer weights linking class c to prototypes or groups NOT assigned to c (Eq. 9).
+
+    Args:
+        weight: (C, K) last layer (h_proto or h_group).
+        column_class: (K,) class of each column.
+    """
+    rows = torch.arange(weight.shape[0], device=weight.device).unsqueeze(1)
+    off = rows != column_class.unsqueeze(0)
+    return (weight.abs() * off).sum()
+
+
+LOSS_TERMS = ("ce", "diversity", "l1_proto", "entropy", "l1_group")
+
+
+def compute_losses(
+    output: Any,
+    labels: torch.Tensor,
+    head: Any,
+    loss_cfg: Any,
+    terms: Sequence[str],
+    *,
+    ignore_index: int = 255,
+    extra_logits: Sequence[torch.Tensor] = (),
+) -> dict[str, torch.Tensor]:
+    """The weighted objective of a stage (Eq. 7 in stage 1, Eq. 9 in stage 2) with each named term.
+
+    ``terms`` picks from :data:`LOSS_TERMS`; ``extra_logits`` (multi-scale inputs) add their CE to the ``ce`` term,
+    averaged. Returns a dict with every unweighted term and ``total``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    total = output.logits.new_zeros(())
+    for name in terms:
+        if name not in LOSS_TERMS:
+            raise ValueError(f"unknown loss term {name!r}; expected any of {', '.join(LOSS_TERMS)}")
+    if "ce" in terms:
+        ces = [cross_entropy_on_grid(output.logits, labels, ignore_index)]
+        ces += [cross_entropy_on_grid(lg, labels, ignore_index) for lg in extra_logits]
+        out["ce"] = torch.stack(ces).mean()
+        total = total + loss_cfg.ce * out["ce"]
+    if "diversity" in terms and output.distances is not None:
+        small = resize_labels(labels, tuple(output.distances.shape[-2:]))
+        out["diversity"] = diversity_loss(
+            output.distances, small, head.prototype_class, head.prototype_scale, head.num_classes, head.num_scales,
+            jeffreys=loss_cfg.jeffreys, ignore_index=ignore_index,
+        )
+        total = total + loss_cfg.diversity * out["diversity"]
+    if "l1_proto" in terms and hasattr(head, "h_proto"):
+        out["l1_proto"] = off_class_l1(head.h_proto, head.prototype_class)
+        total = total + loss_cfg.l1_proto * out["l1_proto"]
+    if "entropy" in terms and getattr(head, "grouping", None) is not None:
+        out["entropy"] = group_entropy_loss(head.grouping.weight, head.grouping.member_mask)
+        total = total + loss_cfg.entropy * out["entropy"]
+    if "l1_group" in terms and getattr(head, "h_group", None) is not None:
+        out["l1_group"] = off_class_l1(head.h_group, head.grouping.group_class)
+        total = total + loss_cfg.l1_group * out["l1_group"]
+    out["total"] = total
+    return out

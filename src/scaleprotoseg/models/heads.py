@@ -1,0 +1,202 @@
+"""The three heads the paper compares, all on top of an ASPP (section 3.1, Figure 2).
+
+- :class:`DeepLabV2Head`: summed ASPP straight to class scores (the black box).
+- :class:`PrototypeHead` with ``method="protoseg"``: summed ASPP to D channels + sigmoid, M prototypes per class,
+  last layer ``h_proto``.
+- :class:`PrototypeHead` with ``method="scaleprotoseg"``: ASPP concatenated per scale (S x D channels) + sigmoid,
+  M prototypes per scale and class compared only with their scale's channels (Eq. 1), ``h_proto`` for stage 1; after
+  :meth:`PrototypeHead.enable_groups` the class-wise sparse groups (Eq. 2) and ``h_group`` replace ``h_proto``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from scaleprotoseg.models.aspp import ASPP
+from scaleprotoseg.models.grouping import GroupingLayer
+from scaleprotoseg.models.prototypes import PrototypeLayer, prototype_layout
+from scaleprotoseg.ops import ACTIVATION_EPS
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns; every map is on the feature grid (h, w) = (H, W) / output stride.
+
+    logits: (B, C, h, w) class scores.
+    features: (B, S*D, h, w) sigmoid ASPP features (prototype heads only).
+    distances: (B, P, h, w) squared distances to the prototypes.
+    activations: (B, P, h, w) prototype activations (Eq. 1).
+    group_activations: (B, G, h, w) group activations (Eq. 2), grouped heads only.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor | None = None
+    distances: torch.Tensor | None = None
+    activations: torch.Tensor | None = None
+    group_activations: torch.Tensor | None = None
+
+    def map(self, fn: Any) -> ModelOutput:
+        """Apply ``fn`` to every tensor field (e.g. to resize or detach)."""
+        return ModelOutput(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                              for f in fields(self)})
+
+
+def class_assignment_weights(column_class: torch.Tensor, num_classes: int, own: float = 1.0, other: float = -0.5):
+    """Last-layer initialisation of ProtoPNet used for h_proto and h_group: ``own`` where the column (prototype or
+    group) belongs to the row's class, ``other`` elsewhere (section 3.1)."""
+    rows = torch.arange(num_classes, device=column_class.device).unsqueeze(1)
+    return torch.where(rows == column_class.unsqueeze(0), own, other).float()
+
+
+class DeepLabV2Head(nn.Module):
+    """DeepLabv2 classifier: summed ASPP with one output channel per class."""
+
+    method = "deeplabv2"
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24)) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.aspp = ASPP(in_channels, num_classes, rates, mode="sum")
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return ModelOutput(logits=self.aspp(x))
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"aspp": list(self.aspp.parameters())}
+
+    def structure(self) -> dict[str, Any]:
+        return {"method": self.method}
+
+    def apply_structure(self, structure: dict[str, Any]) -> None:
+        pass
+
+
+class PrototypeHead(nn.Module):
+    """Prototype head of ProtoSeg (``num_scales=1``, summed ASPP) or ScaleProtoSeg (concatenated ASPP).
+
+    Parameters live in named groups used by the training stages: ``aspp``, ``prototypes``, ``groups`` (group weights
+    w_g) and ``last_layer`` (h_group once groups are enabled, h_proto before).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        method: Literal["protoseg", "scaleprotoseg"],
+        rates: Sequence[int] = (6, 12, 18, 24),
+        dim: int = 64,
+        prototypes_per_class: int = 3,
+        groups_per_class: int = 3,
+        group_activation: Literal["ratio", "geometric"] = "ratio",
+        eps: float = ACTIVATION_EPS,
+    ) -> None:
+        super().__init__()
+        if method not in ("protoseg", "scaleprotoseg"):
+            raise ValueError(f"prototype head method {method!r} is not valid; expected 'protoseg' or 'scaleprotoseg'")
+        self.method = method
+        self.num_classes = num_classes
+        self.groups_per_class = groups_per_class
+        self.group_activation = group_activation
+        self.aspp = ASPP(in_channels, dim, rates, mode="concat" if method == "scaleprotoseg" else "sum")
+        self.num_scales = self.aspp.num_scales
+        cls, scale = prototype_layout(num_classes, prototypes_per_class, self.num_scales)
+        self.prototypes = PrototypeLayer(cls, scale, dim, self.num_scales, eps)
+        self.h_proto = nn.Parameter(class_assignment_weights(cls, num_classes))  # (C, P)
+        self.grouping: GroupingLayer | None = None
+        self.h_group: nn.Parameter | None = None  # (C, G)
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------
+    @property
+    def prototype_class(self) -> torch.Tensor:
+        return self.prototypes.prototype_class
+
+    @property
+    def prototype_scale(self) -> torch.Tensor:
+        return self.prototypes.prototype_scale
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.prototypes.num_prototypes
+
+    @property
+    def grouped(self) -> bool:
+        return self.grouping is not None
+
+    @property
+    def group_class(self) -> torch.Tensor | None:
+        return None if self.grouping is None else self.grouping.group_class
+
+    def last_layer_weight(self) -> torch.Tensor:
+        """The weights of the final linear layer in use: h_group (C, G) when grouped, else h_proto (C, P)."""
+        return self.h_group if self.h_group is not None else self.h_proto
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {
+            "aspp": list(self.aspp.parameters()),
+            "prototypes": [self.prototypes.prototypes],
+            "last_layer": [self.last_layer_weight()],
+        }
+        if self.grouping is not None:
+            groups["groups"] = [self.grouping.weight]
+        return groups
+
+    def enable_groups(self) -> None:
+        """Switch to stage 2: class-wise groups over the current prototypes, h_group initialised 1 / -0.5."""
+        device = self.h_proto.device
+        self.grouping = GroupingLayer(
+            self.prototype_class, self.num_classes, self.groups_per_class, self.group_activation
+        ).to(device)
+        self.h_group = nn.Parameter(class_assignment_weights(self.grouping.group_class, self.num_classes).to(device))
+
+    @torch.no_grad()
+    def remove_prototypes(self, keep: torch.Tensor) -> None:
+        """Keep only the prototypes at ``keep`` (duplicate removal, pruning); every table follows."""
+        keep = keep.to(self.h_proto.device).long()
+        self.prototypes.keep(keep)
+        self.h_proto = nn.Parameter(self.h_proto.data.index_select(1, keep).clone())
+        if self.grouping is not None:
+            self.grouping.remap_prototypes(keep, self.prototype_class)
+
+    def structure(self) -> dict[str, Any]:
+        """Everything needed to rebuild the head's shapes before loading its weights."""
+        s: dict[str, Any] = {
+            "method": self.method,
+            "prototype_class": self.prototype_class.tolist(),
+            "prototype_scale": self.prototype_scale.tolist(),
+            "grouped": self.grouped,
+        }
+        if self.grouping is not None:
+            s["group_class"] = self.grouping.group_class.tolist()
+            s["member_index"] = self.grouping.member_index.tolist()
+            s["member_mask"] = self.grouping.member_mask.tolist()
+        return s
+
+    def apply_structure(self, structure: dict[str, Any]) -> None:
+        device = self.h_proto.device
+        cls = torch.tensor(structure["prototype_class"], dtype=torch.long, device=device)
+        scale = torch.tensor(structure["prototype_scale"], dtype=torch.long, device=device)
+        self.prototypes.resize_to(cls, scale)
+        self.h_proto = nn.Parameter(torch.zeros(self.num_classes, len(cls), device=device))
+        if structure.get("grouped"):
+            self.enable_groups()
+            self.grouping.resize_to(
+                torch.tensor(structure["member_index"], dtype=torch.long, device=device),
+                torch.tensor(structure["member_mask"], dtype=torch.bool, device=device),
+            )
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        features = torch.sigmoid(self.aspp(x))
+        distances, activations = self.prototypes(features)
+        if self.grouping is None:
+            logits = torch.einsum("cp,bphw->bchw", self.h_proto, activations)
+            return ModelOutput(logits, features, distances, activations)
+        groups = self.grouping(activations)
+        logits = torch.einsum("cg,bghw->bchw", self.h_group, groups)
+        return ModelOutput(logits, features, distances, activations, groups)

@@ -1,0 +1,121 @@
+import pytest
+import torch
+from torch import nn
+
+from scaleprotoseg.models.heads import DeepLabV2Head, PrototypeHead, class_assignment_weights
+from scaleprotoseg.models.segmenter import Segmenter, msc_forward
+
+
+class TinyBackbone(nn.Module):
+    out_channels = 8
+    output_stride = 4
+    freeze_bn = True
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def _heads(C=3):
+    return {
+        "deeplabv2": DeepLabV2Head(8, C, rates=(1, 2)),
+        "protoseg": PrototypeHead(8, C, method="protoseg", rates=(1, 2), dim=4, prototypes_per_class=5),
+        "scaleprotoseg": PrototypeHead(8, C, method="scaleprotoseg", rates=(1, 2, 3), dim=4, prototypes_per_class=2),
+    }
+
+
+def test_output_shapes():
+    x = torch.rand(2, 3, 16, 20)
+    for method, head in _heads().items():
+        out = Segmenter(TinyBackbone(), head)(x)
+        assert out.logits.shape == (2, 3, 4, 5), method
+        if method == "protoseg":
+            assert out.distances.shape == (2, 15, 4, 5) and out.features.shape == (2, 4, 4, 5)
+        if method == "scaleprotoseg":
+            assert out.distances.shape == (2, 18, 4, 5) and out.features.shape == (2, 12, 4, 5)
+            head.enable_groups()
+            out = Segmenter(TinyBackbone(), head)(x)
+            assert out.group_activations.shape == (2, 9, 4, 5)
+
+
+def test_prototype_layout_and_last_layer_init():
+    head = _heads()["scaleprotoseg"]
+    assert head.prototype_scale.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert head.prototype_class.tolist() == [0, 0, 1, 1, 2, 2] * 3
+    w = head.h_proto.detach()
+    assert torch.equal(w, class_assignment_weights(head.prototype_class, 3))
+    assert w[1, 2].item() == 1.0 and w[0, 2].item() == -0.5
+
+
+def test_logits_are_last_layer_of_activations():
+    head = _heads()["scaleprotoseg"]
+    out = head(torch.rand(1, 8, 3, 3))
+    ref = torch.einsum("cp,bphw->bchw", head.h_proto, out.activations)
+    assert torch.allclose(out.logits, ref)
+    head.enable_groups()
+    out = head(torch.rand(1, 8, 3, 3))
+    assert torch.allclose(out.logits, torch.einsum("cg,bghw->bchw", head.h_group, out.group_activations))
+
+
+STAGE_GROUPS = {
+    "deeplabv2": [["backbone", "aspp"]],
+    "protoseg": [["aspp", "prototypes"], ["backbone", "aspp", "prototypes"], ["last_layer"]],
+    "scaleprotoseg": [["aspp", "prototypes"], ["backbone", "aspp", "prototypes"], ["groups"], ["groups", "last_layer"]],
+}
+
+
+@pytest.mark.parametrize("method", ["deeplabv2", "protoseg", "scaleprotoseg"])
+def test_gradients_reach_exactly_the_trained_groups(method):
+    for trainable in STAGE_GROUPS[method]:
+        head = _heads()[method]
+        if "groups" in trainable:
+            head.enable_groups()
+        model = Segmenter(TinyBackbone(), head)
+        assert model.set_trainable(trainable) == []
+        model.zero_grad(set_to_none=True)
+        logits = model(torch.rand(2, 3, 16, 16)).logits
+        (logits * torch.randn_like(logits)).sum().backward()  # a plain sum cancels: columns of h sum to 0 for C=3
+        groups = model.param_groups()
+        expected = {id(p) for g in trainable for p in groups[g]} - {id(p) for p in model.backbone.bn.parameters()}
+        for name, p in model.named_parameters():
+            got = p.grad is not None and p.grad.abs().sum() > 0
+            assert got == (id(p) in expected), (method, trainable, name)
+
+
+def test_remove_prototypes_keeps_bookkeeping():
+    head = _heads()["scaleprotoseg"]
+    keep = torch.tensor([0, 2, 3, 7, 17])
+    cls, scale, protos = head.prototype_class[keep], head.prototype_scale[keep], head.prototypes.prototypes[keep]
+    x = torch.rand(1, 8, 3, 3)
+    before = head(x)
+    head.remove_prototypes(keep)
+    after = head(x)
+    assert torch.equal(head.prototype_class, cls) and torch.equal(head.prototype_scale, scale)
+    assert torch.equal(head.prototypes.prototypes.detach(), protos.detach())
+    assert torch.allclose(after.activations, before.activations[:, keep])
+    assert head.h_proto.shape == (3, 5)
+
+
+def test_structure_round_trip_rebuilds_shapes():
+    head = _heads()["scaleprotoseg"]
+    head.remove_prototypes(torch.tensor([0, 1, 2, 5, 9, 12, 13]))
+    head.enable_groups()
+    state = head.state_dict()
+    fresh = _heads()["scaleprotoseg"]
+    fresh.apply_structure(head.structure())
+    fresh.load_state_dict(state)
+    x = torch.rand(1, 8, 3, 3)
+    assert torch.equal(fresh(x).logits, head(x).logits)
+
+
+def test_msc_forward_max_fuses_on_the_unit_scale_grid():
+    model = Segmenter(TinyBackbone(), _heads()["deeplabv2"]).eval()
+    x = torch.rand(1, 3, 32, 32)
+    outs, fused = msc_forward(model, x, [0.5, 0.75, 1.0])
+    assert [tuple(o.logits.shape[-2:]) for o in outs] == [(4, 4), (6, 6), (8, 8)]
+    assert fused.shape == (1, 3, 8, 8)
+    assert torch.all(fused >= outs[2].logits - 1e-6)
