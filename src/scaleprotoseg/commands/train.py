@@ -1,0 +1,69 @@
+"""``scaleprotoseg train``: all stages of a config into a run directory; ``--resume`` continues where it stopped."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.stages.joint.steps=100 (repeatable)")
+    parser.add_argument("--run", help="run directory (default: runs/<config name>)")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its last checkpoint")
+    parser.add_argument("--stages", help="comma-separated subset of stages to run, e.g. group_warmup,group_joint")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
+    parser.add_argument("--stop-at", metavar="STAGE:STEP", help="stop after this optimizer step (resume later)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def run(args: argparse.Namespace) -> int:
+    from scaleprotoseg.config import load_config
+    from scaleprotoseg.engine import distributed as dist_utils
+    from scaleprotoseg.engine.trainer import StopRequested, Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+        cfg = load_config(cfg_path, args.overrides)
+    else:
+        if not args.config:
+            raise ValueError("train: give a config with -c CONFIG (or --resume RUN)")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.run or Path("runs") / cfg.name)
+        if (run_dir / "state.json").is_file() and not args.stages:
+            raise ValueError(
+                f"run directory {run_dir} already holds a run; use --resume {run_dir} to continue it, "
+                "--stages to re-run chosen stages, or another --run"
+            )
+    stop_at = None
+    if args.stop_at:
+        stage, _, step = args.stop_at.rpartition(":")
+        if not stage or not step.isdigit():
+            raise ValueError(f"--stop-at {args.stop_at!r}: expected STAGE:STEP, e.g. joint:100")
+        stop_at = (stage, int(step))
+    device_kind = "cuda" if (args.device or cfg.train.device).startswith("cuda") else "cpu"
+    if (args.device or cfg.train.device) == "auto":
+        import torch
+
+        device_kind = "cuda" if torch.cuda.is_available() else "cpu"
+    dist_utils.init_distributed(device_kind)
+    trainer = Trainer(cfg, run_dir, device=args.device, progress=not args.no_progress, stop_at=stop_at)
+    only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    try:
+        results = trainer.run_stages(only, argv=sys.argv)
+    except StopRequested as stop:
+        print(f"{stop}; continue with: scaleprotoseg train --resume {run_dir}")
+        return 0
+    if trainer.dist.is_main:
+        for r in results:
+            miou = r.metrics.get("val_miou")
+            extra = f"  val mIoU {100 * miou:.2f}" if miou is not None else ""
+            print(f"{r.name:>14} [{r.kind}]{extra}")
+        print(f"run directory: {run_dir}  (final model in {run_dir / 'final'})")
+    return 0

@@ -1,0 +1,458 @@
+"""The multi-stage training procedure (section 3.3, supplement 6-8), resumable at any optimizer step.
+
+ScaleProtoSeg: warmup -> joint -> projection (+ duplicate removal) -> group_warmup -> group_joint -> threshold.
+ProtoSeg: warmup -> joint -> projection -> pruning -> finetune. DeepLabv2: one train stage. Stage lists, steps and
+learning rates come from the config (:func:`scaleprotoseg.config.default_stages`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from scaleprotoseg.config import Config, StageConfig, save_config, to_dict
+from scaleprotoseg.engine import distributed as dist_utils
+from scaleprotoseg.engine.checkpoint import (
+    RunDir,
+    atomic_write_json,
+    load_weights,
+    read_checkpoint,
+    recover_dir,
+    replace_dir,
+    write_checkpoint,
+)
+from scaleprotoseg.engine.optim import build_optimizer, build_scheduler
+from scaleprotoseg.engine.sampler import KeyedDataset, StreamSampler
+from scaleprotoseg.losses import compute_losses
+from scaleprotoseg.models.segmenter import Segmenter, build_model, msc_forward
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the message names the stage and step. Nothing after the last good checkpoint
+    was written."""
+
+
+class StopRequested(Exception):
+    """Raised internally when ``stop_at`` is reached (used to stop a run at a chosen step, e.g. in tests)."""
+
+
+@dataclass
+class StageResult:
+    name: str
+    kind: str
+    metrics: dict[str, Any]
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        out[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return out
+
+
+def _stage_seed(seed: int, stage_index: int) -> int:
+    return int(seed) * 1000 + stage_index
+
+
+def environment_info(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
+    import numpy
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "seed": cfg.train.seed,
+        "command": " ".join(argv if argv is not None else sys.argv),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+class Trainer:
+    """Runs a config's stages in order into a run directory and keeps enough state to resume anywhere."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        *,
+        device: str | None = None,
+        progress: bool = True,
+        stop_at: tuple[str, int] | None = None,
+        train_dataset: Any = None,
+        val_dataset: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run = RunDir(run_dir)
+        self.progress = progress
+        self.stop_at = stop_at
+        self.dist = dist_utils.current()
+        dev_name = device or cfg.train.device
+        self.device = dist_utils.resolve_device(dev_name, self.dist)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self._load_datasets()
+        self.info = self.train_dataset.info
+        num_classes = cfg.data.num_classes or len(self.info.class_names)
+        if cfg.data.num_classes and cfg.data.num_classes != len(self.info.class_names):
+            raise ValueError(
+                f"data.num_classes is {cfg.data.num_classes} but the dataset has {len(self.info.class_names)} classes"
+            )
+        self.num_classes = num_classes
+        self.ignore_index = self.info.ignore_index
+        torch.manual_seed(cfg.train.seed)
+        self.model: Segmenter = build_model(cfg.model, num_classes).to(self.device)
+        self.tb = None
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def _load_datasets(self) -> None:
+        from scaleprotoseg.data import build_dataset
+
+        if self.train_dataset is None:
+            self.train_dataset = build_dataset(self.cfg.data, self.cfg.data.train_split, train=True)
+        if self.val_dataset is None and self.cfg.data.val_split:
+            self.val_dataset = build_dataset(self.cfg.data, self.cfg.data.val_split, train=False)
+        if len(self.train_dataset) == 0:
+            raise ValueError(f"the training split {self.cfg.data.train_split!r} of {self.cfg.data.root} is empty")
+
+    def _projection_dataset(self):
+        """Training images as the model sees them at test time (whole, no augmentation) for projection/pruning."""
+        from scaleprotoseg.data import build_dataset
+
+        return build_dataset(self.cfg.data, self.cfg.data.train_split, train=False)
+
+    def _meta(self, stage: str, step: int) -> dict[str, Any]:
+        return {
+            "format": "scaleprotoseg-checkpoint/1",
+            "method": self.model.method,
+            "stage": stage,
+            "step": step,
+            "num_classes": self.num_classes,
+            "class_names": list(self.info.class_names),
+            "palette": [list(map(int, c)) for c in self.info.palette],
+            "ignore_index": int(self.ignore_index),
+            "normalization": self.cfg.data.normalization,
+            "output_stride": self.model.output_stride,
+            "structure": self.model.structure(),
+        }
+
+    def load_stage_checkpoint(self, stage: str, partial: bool = False) -> dict[str, Any] | None:
+        """Load model weights (and return the training state) of a stage's checkpoint."""
+        directory = self.run.partial_dir(stage) if partial else self.run.stage_dir(stage)
+        weights, meta, train_state = read_checkpoint(directory)
+        self.model.apply_structure(meta["structure"])
+        self.model.to(self.device)
+        load_weights(self.model, weights, str(directory))
+        return train_state
+
+    # -- the run -----------------------------------------------------------------------------------------------
+    def stage_names(self) -> list[str]:
+        return [n for n, s in self.cfg.train.stages.items() if s.enabled]
+
+    def run_stages(self, only: list[str] | None = None, argv: list[str] | None = None) -> list[StageResult]:
+        """Run all (or ``only`` the named) stages that are not completed yet, resuming a partial one."""
+        names = self.stage_names()
+        if only:
+            unknown = [n for n in only if n not in names]
+            if unknown:
+                raise ValueError(f"--stages: unknown stage(s) {', '.join(unknown)}; this run has {', '.join(names)}")
+        state = self.run.read_state()
+        completed: list[str] = list(state.get("completed", []))
+        if self.dist.is_main:
+            self.run.root.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run.config)
+            atomic_write_json(self.run.env, environment_info(self.cfg, argv))
+        dist_utils.barrier()
+        if self.cfg.train.tensorboard and self.dist.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise RuntimeError(
+                    "train.tensorboard is true but tensorboard is not installed; pip install 'scaleprotoseg[tensorboard]'"
+                ) from err
+            self.tb = SummaryWriter(str(self.run.root / "tensorboard"))
+        results = []
+        loaded_from: str | None = None
+        for i, name in enumerate(names):
+            if name in completed and not (only and name in only):
+                loaded_from = name
+                continue
+            if only and name not in only:
+                continue
+            if loaded_from is not None:
+                self.load_stage_checkpoint(loaded_from)
+            else:
+                # starting the first stage to run: an earlier completed stage (e.g. with --stages) provides weights
+                earlier = [n for n in names[:i] if n in completed]
+                if earlier:
+                    self.load_stage_checkpoint(earlier[-1])
+            loaded_from = None
+            results.append(self._run_stage(i, name, self.cfg.train.stages[name]))
+            completed = [n for n in completed if n != name] + [name]
+            if self.dist.is_main:
+                self.run.write_state({"completed": completed, "current": None})
+        if results and self.dist.is_main:
+            self.export_final(results[-1].name)
+        dist_utils.barrier()
+        return results
+
+    def _run_stage(self, index: int, name: str, stage: StageConfig) -> StageResult:
+        torch.manual_seed(_stage_seed(self.cfg.train.seed, index))
+        if self.dist.is_main:
+            self.run.write_state({**self.run.read_state(), "current": {"stage": name, "kind": stage.kind}})
+        if stage.kind == "train":
+            metrics = self._train_stage(name, stage)
+        elif stage.kind == "projection":
+            metrics = self._projection_stage(name)
+        elif stage.kind == "pruning":
+            metrics = self._pruning_stage(name, stage)
+        elif stage.kind == "threshold":
+            metrics = self._threshold_stage(name, stage)
+        else:  # pragma: no cover - the schema forbids it
+            raise ValueError(f"unknown stage kind {stage.kind!r}")
+        val = self.validate(name)
+        metrics.update(val)
+        if self.dist.is_main:
+            write_checkpoint(self.run.stage_dir(name), self.model, self._meta(name, stage.steps))
+            partial = self.run.partial_dir(name)
+            if recover_dir(partial) is not None:
+                import shutil
+
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.rmtree(partial.with_name("partial.old"), ignore_errors=True)
+            self.run.log_metrics({"stage": name, "kind": stage.kind, "event": "stage_end", **metrics})
+        return StageResult(name, stage.kind, metrics)
+
+    # -- train stages ------------------------------------------------------------------------------------------
+    def _uses_groups(self, stage: StageConfig) -> bool:
+        return "groups" in stage.trainable or any(t in ("entropy", "l1_group") for t in stage.losses)
+
+    def _train_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        head = model.head
+        if self._uses_groups(stage) and not getattr(head, "grouped", False):
+            if not hasattr(head, "enable_groups"):
+                raise ValueError(f"stage {name}: groups need a ScaleProtoSeg model, not {model.method}")
+            head.enable_groups()
+        start_step, consumed, train_state = 0, 0, None
+        if recover_dir(self.run.partial_dir(name)) is not None:
+            train_state = self.load_stage_checkpoint(name, partial=True)
+            start_step = int(train_state["step"])
+            consumed = int(train_state["samples_consumed"])
+        unknown = model.set_trainable(stage.trainable)
+        if unknown:
+            raise ValueError(f"stage {name}: the {model.method} model has no parameter group(s) {', '.join(unknown)}")
+        optimizer = build_optimizer(model, stage)
+        scheduler = build_scheduler(optimizer, stage)
+        if train_state is not None:
+            optimizer.load_state_dict(train_state["optimizer"])
+            scheduler.load_state_dict(train_state["scheduler"])
+            torch.set_rng_state(train_state["rng"])
+        net: torch.nn.Module = model
+        if self.dist.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        model.train()
+        bs = cfg.data.batch_size
+        sampler = StreamSampler(
+            len(self.train_dataset), cfg.train.seed, consumed, self.dist.rank, self.dist.world_size
+        )
+        loader = DataLoader(
+            KeyedDataset(self.train_dataset), batch_size=bs, sampler=sampler, num_workers=cfg.data.num_workers,
+            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        batches = iter(loader)
+        terms = stage.losses or ["ce"]
+        amp = cfg.train.amp and self.device.type == "cuda"
+        bar = tqdm(
+            total=stage.steps, initial=start_step, desc=f"{name}", disable=not (self.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
+        t0 = time.time()
+        running: dict[str, float] = {}
+        for step in range(start_step, stage.steps):
+            optimizer.zero_grad(set_to_none=True)
+            step_terms: dict[str, float] = {}
+            for _ in range(stage.accumulation):
+                batch = next(batches)
+                consumed += bs
+                x = batch["image"].to(self.device, non_blocking=True)
+                y = batch["label"].to(self.device, non_blocking=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+                    if cfg.data.msc_scales:
+                        outs, fused = msc_forward(net, x, cfg.data.msc_scales)
+                        main = next((o for o, s in zip(outs, cfg.data.msc_scales) if s == 1), outs[-1])
+                        output = main.map(lambda t: t.float())
+                        extra = [fused.float()] + (
+                            [o.logits.float() for o in outs if o is not main] if cfg.loss.msc_all_scales else []
+                        )
+                    else:
+                        output = net(x).map(lambda t: t.float())
+                        extra = []
+                losses = compute_losses(
+                    output, y, head, cfg.loss, terms, ignore_index=self.ignore_index, extra_logits=extra
+                )
+                total = losses["total"]
+                if not torch.isfinite(total):
+                    raise TrainingDiverged(
+                        f"stage {name!r}, step {step}: the loss is {total.item()} "
+                        f"(terms: { {k: round(float(v), 6) for k, v in losses.items()} }); stopped before the "
+                        f"optimizer step, nothing was written; the last good checkpoint is {self._last_good(name)}"
+                    )
+                (total / stage.accumulation).backward()
+                for k, v in losses.items():
+                    step_terms[k] = step_terms.get(k, 0.0) + float(v) / stage.accumulation
+            optimizer.step()
+            scheduler.step()
+            if getattr(head, "grouping", None) is not None and "groups" in stage.trainable:
+                head.grouping.project_()  # projected gradient: rows back on the simplex after every step
+            for k, v in step_terms.items():
+                running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()}, refresh=False)
+            if done % max(cfg.train.log_every, 1) == 0 or done == stage.steps:
+                reduced = dist_utils.all_reduce_mean(step_terms, self.device)  # collective: every rank calls it
+                if self.dist.is_main:
+                    rec = {"stage": name, "step": done, "lr": scheduler.get_last_lr()[0], **reduced,
+                           "time": round(time.time() - t0, 3)}
+                    self.run.log_metrics(rec)
+                    if self.tb is not None:
+                        for k, v in reduced.items():
+                            self.tb.add_scalar(f"{name}/{k}", v, done)
+            if cfg.train.val_every and done % cfg.train.val_every == 0 and done != stage.steps:
+                self.validate(name, step=done)
+                model.train()
+            at_stop = self.stop_at is not None and self.stop_at == (name, done)
+            if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != stage.steps) or (
+                at_stop
+            ):
+                if self.dist.is_main:
+                    state = {
+                        "stage": name,
+                        "step": done,
+                        "samples_consumed": consumed,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(),
+                    }
+                    write_checkpoint(self.run.partial_dir(name), model, self._meta(name, done), state)
+                    self.run.write_state({**self.run.read_state(), "current": {"stage": name, "step": done}})
+                dist_utils.barrier()
+            if at_stop:
+                bar.close()
+                raise StopRequested(f"stopped at stage {name} step {done} as requested")
+        bar.close()
+        del batches
+        model.set_trainable([])
+        return {"steps": stage.steps, "loss": {k: round(v, 6) for k, v in running.items()}}
+
+    def _last_good(self, stage: str) -> str:
+        partial = recover_dir(self.run.partial_dir(stage))
+        if partial is not None:
+            return str(partial)
+        done = self.run.read_state().get("completed", [])
+        return str(self.run.stage_dir(done[-1])) if done else "none (no stage had finished)"
+
+    # -- non-gradient stages -----------------------------------------------------------------------------------
+    def _projection_stage(self, name: str) -> dict[str, Any]:
+        from scaleprotoseg import projection
+
+        if not hasattr(self.model.head, "prototypes"):
+            raise ValueError(f"stage {name}: projection needs a prototype model, not {self.model.method}")
+        result = projection.project_prototypes(
+            self.model, self._projection_dataset(), device=self.device, ignore_index=self.ignore_index,
+            num_workers=self.cfg.data.num_workers, progress=self.progress and self.dist.is_main,
+        )
+        projection.apply_projection(self.model, result)
+        before = self.model.head.num_prototypes
+        report = projection.remove_duplicates(self.model)
+        result = result.select(report.kept)
+        if self.dist.is_main:
+            atomic_write_json(self.run.root / "projection.json", result.to_json())
+        return {"prototypes_before": before, "prototypes_after": self.model.head.num_prototypes,
+                "duplicates_removed": len(report.removed)}
+
+    def _pruning_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
+        from scaleprotoseg import projection
+
+        before = self.model.head.num_prototypes
+        report = projection.prune_prototypes(
+            self.model, self._projection_dataset(), k=stage.prune_k, threshold=stage.prune_threshold,
+            device=self.device, ignore_index=self.ignore_index, progress=self.progress and self.dist.is_main,
+        )
+        proj_file = self.run.root / "projection.json"
+        if proj_file.is_file() and self.dist.is_main:
+            result = projection.ProjectionResult.from_json(json.loads(proj_file.read_text()))
+            atomic_write_json(proj_file, result.select(report.kept).to_json())
+        return {"prototypes_before": before, "prototypes_after": self.model.head.num_prototypes,
+                "pruned": len(report.removed)}
+
+    def _threshold_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
+        head = self.model.head
+        if getattr(head, "grouping", None) is None:
+            raise ValueError(f"stage {name}: thresholding needs trained groups (run group stages first)")
+        zeroed = head.grouping.threshold_(stage.alpha)
+        return {"alpha": stage.alpha, "weights_zeroed": zeroed,
+                "prototypes_used": int(head.grouping.used_prototypes().numel())}
+
+    # -- validation and export ---------------------------------------------------------------------------------
+    def validate(self, stage: str, step: int | None = None) -> dict[str, Any]:
+        """mIoU on whole validation images (never training crops)."""
+        if self.val_dataset is None or len(self.val_dataset) == 0:
+            return {}
+        from scaleprotoseg.evaluation.evaluate import evaluate
+
+        d = self.cfg.data
+        res = evaluate(
+            self.model, self.val_dataset, num_classes=self.num_classes, ignore_index=self.ignore_index,
+            device=self.device, mode=d.test_mode, crop_size=tuple(d.crop_size), test_size=d.test_size,
+            msc_scales=tuple(d.msc_scales), progress=False,
+        )
+        out = {"val_miou": float(res["miou"]), "val_pixel_accuracy": float(res["pixel_accuracy"])}
+        if self.dist.is_main:
+            self.run.log_metrics({"stage": stage, "event": "validation", "step": step, **out})
+            if self.tb is not None:
+                self.tb.add_scalar(f"{stage}/val_miou", out["val_miou"], step or 0)
+        return out
+
+    def export_final(self, stage: str) -> Path:
+        """Write ``final/``: weights, meta, config, projection info and prototype patches; enough to predict and
+        explain with nothing else."""
+        import tempfile
+
+        final = self.run.final
+        tmp = Path(tempfile.mkdtemp(dir=self.run.root, prefix=".final.tmp"))
+        write_checkpoint(tmp / "model", self.model, self._meta(stage, 0))
+        for f in ("model.safetensors", "meta.json"):
+            (tmp / "model" / f).rename(tmp / f)
+        (tmp / "model").rmdir()
+        save_config(self.cfg, tmp / "config.yaml")
+        proj_file = self.run.root / "projection.json"
+        if proj_file.is_file() and hasattr(self.model.head, "prototypes"):
+            from scaleprotoseg import projection
+
+            result = projection.ProjectionResult.from_json(json.loads(proj_file.read_text()))
+            (tmp / "projection.json").write_text(proj_file.read_text())
+            try:
+                projection.save_prototype_patches(result, self._projection_dataset(), tmp / "prototypes")
+            except Exception as err:  # patches are a convenience: a missing file must not lose the run
+                (tmp / "prototypes_error.txt").write_text(f"could not save prototype patches: {err}\n")
+        replace_dir(tmp, final)
+        return final
