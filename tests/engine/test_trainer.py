@@ -1,0 +1,144 @@
+"""Every stage of the three methods on a tiny synthetic set; resume; divergence handling."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scaleprotoseg.config import load_config
+from scaleprotoseg.engine.trainer import StopRequested, Trainer, TrainingDiverged
+
+
+def tiny_config(root, method, **extra):
+    sets = [
+        f"data.root={root}", "data.crop_size=[32, 32]", "data.batch_size=2", "data.num_workers=0",
+        f"model.method={method}", "model.backbone=resnet18", "model.output_stride=8", "model.aspp_rates=[1, 2]",
+        "model.aspp_channels=8", f"model.prototypes_per_class={2 if method == 'scaleprotoseg' else 3}",
+        "model.groups_per_class=2", "train.checkpoint_every=0", "train.log_every=1", "train.seed=3",
+    ]
+    stages = {
+        "scaleprotoseg": ["warmup", "joint", "group_warmup", "group_joint"],
+        "protoseg": ["warmup", "joint", "finetune"],
+        "deeplabv2": ["train"],
+    }[method]
+    for s in stages:
+        sets += [f"train.stages.{s}.steps=2", f"train.stages.{s}.accumulation=1"]
+    sets += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, sets)
+
+
+def weights(run, stage):
+    return load_file(str(run / "checkpoints" / stage / "model.safetensors"))
+
+
+def changed(a, b, prefix):
+    keys = [k for k in a if k.startswith(prefix) and k in b and a[k].shape == b[k].shape and a[k].is_floating_point()]
+    assert keys, prefix
+    return any(not torch.equal(a[k], b[k]) for k in keys)
+
+
+def test_scaleprotoseg_all_stages(synthetic_folder, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(synthetic_folder, "scaleprotoseg")
+    results = Trainer(cfg, run, device="cpu", progress=False).run_stages()
+    assert [r.name for r in results] == ["warmup", "joint", "projection", "group_warmup", "group_joint", "threshold"]
+    w = {r.name: weights(run, r.name) for r in results}
+    # warm-up: ASPP and prototypes train; backbone and h_proto do not
+    init = Trainer(cfg, tmp_path / "fresh", device="cpu", progress=False).model.state_dict()
+    assert changed(init, w["warmup"], "head.aspp") and changed(init, w["warmup"], "head.prototypes.prototypes")
+    assert not changed(init, w["warmup"], "backbone.")
+    assert torch.equal(init["head.h_proto"], w["warmup"]["head.h_proto"])
+    # joint: the backbone trains too (but frozen batch norm statistics do not move), h_proto stays
+    assert changed(w["warmup"], w["joint"], "backbone.layer")
+    bn = [k for k in w["joint"] if "bn" in k and "running_mean" in k]
+    assert bn and all(torch.equal(w["warmup"][k], w["joint"][k]) for k in bn)
+    assert torch.equal(w["warmup"]["head.h_proto"], w["joint"]["head.h_proto"])
+    # group warm-up: only the group weights; group joint: group weights and h_group
+    gw, gj = w["group_warmup"], w["group_joint"]
+    new_keys = {k for k in gw if k.startswith(("head.grouping.", "head.h_group"))}
+    assert new_keys == set(gw) - set(w["projection"])
+    for k in set(gw) - new_keys:
+        assert torch.equal(gw[k], w["projection"][k]), k
+    assert (gw["head.h_group"].unique().tolist() == [-0.5, 1.0])  # h_group is frozen during the group warm-up
+    assert not changed(gw, gj, "backbone.") and not changed(gw, gj, "head.aspp")
+    assert changed(gw, gj, "head.h_group") and changed(gw, gj, "head.grouping.weight")
+    for stage in ("group_warmup", "group_joint", "threshold"):
+        g = w[stage]["head.grouping.weight"]
+        mask = w[stage]["head.grouping.member_mask"].unsqueeze(1).expand_as(g)
+        assert (g >= 0).all() and (g[~mask] == 0).all()
+        if stage != "threshold":
+            assert torch.allclose(g.sum(-1), torch.ones(g.shape[:2]), atol=1e-5)
+    assert ((w["threshold"]["head.grouping.weight"] == 0) | (w["threshold"]["head.grouping.weight"] >= 0.05)).all()
+    # the run directory
+    meta = json.loads((run / "final" / "meta.json").read_text())
+    assert meta["structure"]["grouped"] and meta["class_names"] == ["background", "square", "disc"]
+    assert (run / "final" / "projection.json").is_file() and (run / "config.yaml").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "validation" for r in records)
+    assert json.loads((run / "state.json").read_text())["completed"][-1] == "threshold"
+
+
+def test_protoseg_all_stages(synthetic_folder, tmp_path):
+    run = tmp_path / "run"
+    results = Trainer(tiny_config(synthetic_folder, "protoseg"), run, device="cpu", progress=False).run_stages()
+    assert [r.name for r in results] == ["warmup", "joint", "projection", "pruning", "finetune"]
+    pr, ft = weights(run, "pruning"), weights(run, "finetune")
+    assert changed(pr, ft, "head.h_proto")
+    for k in pr:
+        if k != "head.h_proto":
+            assert torch.equal(pr[k], ft[k]), k
+    assert "head.grouping.weight" not in ft
+
+
+def test_deeplabv2_single_stage(synthetic_folder, tmp_path):
+    run = tmp_path / "run"
+    results = Trainer(tiny_config(synthetic_folder, "deeplabv2"), run, device="cpu", progress=False).run_stages()
+    assert [r.name for r in results] == ["train"]
+    assert "val_miou" in results[0].metrics
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_resume_mid_stage_gives_identical_weights(synthetic_folder, tmp_path):
+    extra = {"train.stages.joint.steps": 4, "train.stages.group_joint.steps": 3}
+    full = tmp_path / "full"
+    Trainer(tiny_config(synthetic_folder, "scaleprotoseg", **extra), full, device="cpu", progress=False).run_stages()
+    part = tmp_path / "part"
+    cfg = tiny_config(synthetic_folder, "scaleprotoseg", **extra)
+    with pytest.raises(StopRequested):
+        Trainer(cfg, part, device="cpu", progress=False, stop_at=("joint", 2)).run_stages()
+    assert (part / "checkpoints" / "joint" / "partial" / "train_state.pt").is_file()
+    state = torch.load(part / "checkpoints" / "joint" / "partial" / "train_state.pt", weights_only=True)
+    assert state["step"] == 2
+    with pytest.raises(StopRequested):  # stop again, inside stage 2
+        Trainer(cfg, part, device="cpu", progress=False, stop_at=("group_joint", 1)).run_stages()
+    Trainer(cfg, part, device="cpu", progress=False).run_stages()
+    a = load_file(str(full / "final" / "model.safetensors"))
+    b = load_file(str(part / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_loss_stops_with_stage_and_step_and_keeps_checkpoint(synthetic_folder, tmp_path, monkeypatch):
+    import scaleprotoseg.engine.trainer as trainer_mod
+
+    run = tmp_path / "run"
+    cfg = tiny_config(synthetic_folder, "deeplabv2", **{"train.stages.train.steps": 5, "train.checkpoint_every": 2})
+    real = trainer_mod.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out["total"] = out["total"] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod, "compute_losses", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"stage 'train', step 3.*partial"):
+        Trainer(cfg, run, device="cpu", progress=False).run_stages()
+    state = torch.load(run / "checkpoints" / "train" / "partial" / "train_state.pt", weights_only=True)
+    assert state["step"] == 2
+    w = load_file(str(run / "checkpoints" / "train" / "partial" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
