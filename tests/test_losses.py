@@ -33,15 +33,13 @@ def test_diversity_is_one_for_identical_maps():
     assert torch.allclose(val, torch.tensor(1.0))
 
 
-@pytest.mark.parametrize("convention,expected", [("half", 3 ** -0.125), ("full", 3 ** -0.25)])
+@pytest.mark.parametrize("convention,expected", [("half", 3**-0.125), ("full", 3**-0.25)])
 def test_diversity_two_prototype_hand_computed(convention, expected):
     # Two cells of class 0. Prototype 0: distances (0, 0) -> softmax (1/2, 1/2).
     # Prototype 1: distances (0, ln 3) -> softmax (1/4, 3/4). Jeffrey's: sum (p - q)(ln p - ln q) = ln(3) / 4.
     d = torch.tensor([[[[0.0, 0.0]], [[0.0, math.log(3.0)]]]], dtype=torch.float64)  # (1, 2, 1, 2)
     labels = torch.zeros(1, 1, 2, dtype=torch.long)
-    val = losses.diversity_loss(
-        d, labels, torch.tensor([0, 0]), torch.tensor([0, 0]), 1, 1, jeffreys=convention
-    )
+    val = losses.diversity_loss(d, labels, torch.tensor([0, 0]), torch.tensor([0, 0]), 1, 1, jeffreys=convention)
     assert val.item() == pytest.approx(expected, rel=1e-12)
 
 

@@ -137,35 +137,76 @@ def default_stages(method: str) -> dict[str, StageConfig]:
     S = StageConfig
     if method == "scaleprotoseg":
         return {
-            "warmup": S(steps=3000, trainable=["aspp", "prototypes"], lr={"aspp": 2.5e-4, "prototypes": 2.5e-4},
-                        accumulation=5, losses=["ce", "diversity", "l1_proto"]),
-            "joint": S(steps=30000, trainable=["backbone", "aspp", "prototypes"],
-                       lr={"backbone": 2.5e-5, "aspp": 2.5e-4, "prototypes": 2.5e-4}, schedule="poly",
-                       accumulation=5, losses=["ce", "diversity", "l1_proto"]),
+            "warmup": S(
+                steps=3000,
+                trainable=["aspp", "prototypes"],
+                lr={"aspp": 2.5e-4, "prototypes": 2.5e-4},
+                accumulation=5,
+                losses=["ce", "diversity", "l1_proto"],
+            ),
+            "joint": S(
+                steps=30000,
+                trainable=["backbone", "aspp", "prototypes"],
+                lr={"backbone": 2.5e-5, "aspp": 2.5e-4, "prototypes": 2.5e-4},
+                schedule="poly",
+                accumulation=5,
+                losses=["ce", "diversity", "l1_proto"],
+            ),
             "projection": S(kind="projection"),
-            "group_warmup": S(steps=2000, trainable=["groups"], lr={"groups": 2.5e-4}, accumulation=5,
-                              losses=["ce", "entropy", "l1_group"]),
-            "group_joint": S(steps=30000, trainable=["groups", "last_layer"],
-                             lr={"groups": 2.5e-4, "last_layer": 2.5e-4}, schedule="poly", accumulation=5,
-                             losses=["ce", "entropy", "l1_group"]),
+            "group_warmup": S(
+                steps=2000,
+                trainable=["groups"],
+                lr={"groups": 2.5e-4},
+                accumulation=5,
+                losses=["ce", "entropy", "l1_group"],
+            ),
+            "group_joint": S(
+                steps=30000,
+                trainable=["groups", "last_layer"],
+                lr={"groups": 2.5e-4, "last_layer": 2.5e-4},
+                schedule="poly",
+                accumulation=5,
+                losses=["ce", "entropy", "l1_group"],
+            ),
             "threshold": S(kind="threshold", alpha=0.05),
         }
     if method == "protoseg":
         return {
-            "warmup": S(steps=3000, trainable=["aspp", "prototypes"], lr={"aspp": 2.5e-4, "prototypes": 2.5e-4},
-                        accumulation=5, losses=["ce", "diversity", "l1_proto"]),
-            "joint": S(steps=30000, trainable=["backbone", "aspp", "prototypes"],
-                       lr={"backbone": 2.5e-5, "aspp": 2.5e-4, "prototypes": 2.5e-4}, schedule="poly",
-                       accumulation=5, losses=["ce", "diversity", "l1_proto"]),
+            "warmup": S(
+                steps=3000,
+                trainable=["aspp", "prototypes"],
+                lr={"aspp": 2.5e-4, "prototypes": 2.5e-4},
+                accumulation=5,
+                losses=["ce", "diversity", "l1_proto"],
+            ),
+            "joint": S(
+                steps=30000,
+                trainable=["backbone", "aspp", "prototypes"],
+                lr={"backbone": 2.5e-5, "aspp": 2.5e-4, "prototypes": 2.5e-4},
+                schedule="poly",
+                accumulation=5,
+                losses=["ce", "diversity", "l1_proto"],
+            ),
             "projection": S(kind="projection"),
             "pruning": S(kind="pruning", prune_k=6, prune_threshold=3),
-            "finetune": S(steps=2000, trainable=["last_layer"], lr={"last_layer": 1e-5}, accumulation=5,
-                          losses=["ce", "diversity", "l1_proto"]),
+            "finetune": S(
+                steps=2000,
+                trainable=["last_layer"],
+                lr={"last_layer": 1e-5},
+                accumulation=5,
+                losses=["ce", "diversity", "l1_proto"],
+            ),
         }
     if method == "deeplabv2":
         return {
-            "train": S(steps=30000, trainable=["backbone", "aspp"], lr={"backbone": 2.5e-4, "aspp": 2.5e-3},
-                       schedule="poly", accumulation=5, losses=["ce"]),
+            "train": S(
+                steps=30000,
+                trainable=["backbone", "aspp"],
+                lr={"backbone": 2.5e-4, "aspp": 2.5e-3},
+                schedule="poly",
+                accumulation=5,
+                losses=["ce"],
+            ),
         }
     raise ConfigError(f"model.method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
@@ -362,7 +403,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: {msg}")
 
     m, d = cfg.model, cfg.data
-    if m.output_stride not in (8, 16, 1) and m.backbone != "unet":
+    if m.backbone == "unet" and m.output_stride != 1:
+        fail(f"model.output_stride: {m.output_stride}; the U-Net keeps full resolution, expected 1")
+    elif m.backbone != "unet" and m.output_stride not in (8, 16, 32):
         fail(f"model.output_stride: {m.output_stride} is not supported; expected 8 or 16")
     if not m.aspp_rates:
         fail("model.aspp_rates: expected at least one atrous rate")
@@ -377,7 +420,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     for name, st in cfg.train.stages.items():
         for g in st.trainable:
             if g not in TRAINABLE_GROUPS:
-                fail(f"train.stages.{name}.trainable: unknown group {g!r}; expected any of {', '.join(TRAINABLE_GROUPS)}")
+                fail(
+                    f"train.stages.{name}.trainable: unknown group {g!r}; expected any of {', '.join(TRAINABLE_GROUPS)}"
+                )
         for g in st.lr:
             if g not in TRAINABLE_GROUPS:
                 fail(f"train.stages.{name}.lr: unknown group {g!r}; expected any of {', '.join(TRAINABLE_GROUPS)}")

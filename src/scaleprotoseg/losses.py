@@ -160,8 +160,14 @@ def compute_losses(
     if "diversity" in terms and output.distances is not None:
         small = resize_labels(labels, tuple(output.distances.shape[-2:]))
         out["diversity"] = diversity_loss(
-            output.distances, small, head.prototype_class, head.prototype_scale, head.num_classes, head.num_scales,
-            jeffreys=loss_cfg.jeffreys, ignore_index=ignore_index,
+            output.distances,
+            small,
+            head.prototype_class,
+            head.prototype_scale,
+            head.num_classes,
+            head.num_scales,
+            jeffreys=loss_cfg.jeffreys,
+            ignore_index=ignore_index,
         )
         total = total + loss_cfg.diversity * out["diversity"]
     if "l1_proto" in terms and hasattr(head, "h_proto"):

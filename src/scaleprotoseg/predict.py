@@ -118,7 +118,11 @@ class Predictor:
 
         d = self.cfg.data
         return predict_logits(
-            self.model, x.to(self.device), mode=d.test_mode, crop_size=tuple(d.crop_size), test_size=d.test_size,
+            self.model,
+            x.to(self.device),
+            mode=d.test_mode,
+            crop_size=tuple(d.crop_size),
+            test_size=d.test_size,
             msc_scales=tuple(d.msc_scales),
         )
 

@@ -12,10 +12,20 @@ from scaleprotoseg.engine.trainer import StopRequested, Trainer, TrainingDiverge
 
 def tiny_config(root, method, **extra):
     sets = [
-        f"data.root={root}", "data.crop_size=[32, 32]", "data.batch_size=2", "data.num_workers=0",
-        f"model.method={method}", "model.backbone=resnet18", "model.output_stride=8", "model.aspp_rates=[1, 2]",
-        "model.aspp_channels=8", f"model.prototypes_per_class={2 if method == 'scaleprotoseg' else 3}",
-        "model.groups_per_class=2", "train.checkpoint_every=0", "train.log_every=1", "train.seed=3",
+        f"data.root={root}",
+        "data.crop_size=[32, 32]",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        f"model.method={method}",
+        "model.backbone=resnet18",
+        "model.output_stride=8",
+        "model.aspp_rates=[1, 2]",
+        "model.aspp_channels=8",
+        f"model.prototypes_per_class={2 if method == 'scaleprotoseg' else 3}",
+        "model.groups_per_class=2",
+        "train.checkpoint_every=0",
+        "train.log_every=1",
+        "train.seed=3",
     ]
     stages = {
         "scaleprotoseg": ["warmup", "joint", "group_warmup", "group_joint"],
@@ -60,7 +70,7 @@ def test_scaleprotoseg_all_stages(synthetic_folder, tmp_path):
     assert new_keys == set(gw) - set(w["projection"])
     for k in set(gw) - new_keys:
         assert torch.equal(gw[k], w["projection"][k]), k
-    assert (gw["head.h_group"].unique().tolist() == [-0.5, 1.0])  # h_group is frozen during the group warm-up
+    assert gw["head.h_group"].unique().tolist() == [-0.5, 1.0]  # h_group is frozen during the group warm-up
     assert not changed(gw, gj, "backbone.") and not changed(gw, gj, "head.aspp")
     assert changed(gw, gj, "head.h_group") and changed(gw, gj, "head.grouping.weight")
     for stage in ("group_warmup", "group_joint", "threshold"):

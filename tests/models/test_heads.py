@@ -9,7 +9,7 @@ from scaleprotoseg.models.segmenter import Segmenter, msc_forward
 class TinyBackbone(nn.Module):
     out_channels = 8
     output_stride = 4
-    freeze_bn = True
+    bn_frozen = True
 
     def __init__(self):
         super().__init__()

@@ -13,8 +13,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="an image file or a directory of images")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--stage", default=None, help="use this stage's checkpoint instead of final/")
-    parser.add_argument("--format", default="index", choices=["index", "cityscapes", "voc", "ade20k", "coco_stuff"],
-                        help="label ids to write: the model's own (index) or a public benchmark's")
+    parser.add_argument(
+        "--format",
+        default="index",
+        choices=["index", "cityscapes", "voc", "ade20k", "coco_stuff"],
+        help="label ids to write: the model's own (index) or a public benchmark's",
+    )
     parser.add_argument("--no-color", action="store_true", help="do not write colour PNGs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--debug", action="store_true")

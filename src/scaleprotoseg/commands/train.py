@@ -9,8 +9,14 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="YAML config file (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.stages.joint.steps=100 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.stages.joint.steps=100 (repeatable)",
+    )
     parser.add_argument("--run", help="run directory (default: runs/<config name>)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its last checkpoint")
     parser.add_argument("--stages", help="comma-separated subset of stages to run, e.g. group_warmup,group_joint")

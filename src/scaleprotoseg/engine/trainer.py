@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from scaleprotoseg.config import Config, StageConfig, save_config, to_dict
+from scaleprotoseg.config import Config, StageConfig, save_config
 from scaleprotoseg.engine import distributed as dist_utils
 from scaleprotoseg.engine.checkpoint import (
     RunDir,
@@ -123,7 +123,9 @@ class Trainer:
         from scaleprotoseg.data.registry import build_dataset
 
         if self.train_dataset is None:
-            self.train_dataset = build_dataset(self.cfg.data, self.cfg.data.train_split, train=True, seed=self.cfg.train.seed)
+            self.train_dataset = build_dataset(
+                self.cfg.data, self.cfg.data.train_split, train=True, seed=self.cfg.train.seed
+            )
         if self.val_dataset is None and self.cfg.data.val_split:
             self.val_dataset = build_dataset(self.cfg.data, self.cfg.data.val_split, train=False)
         if len(self.train_dataset) == 0:
@@ -269,19 +271,24 @@ class Trainer:
             )
         model.train()
         bs = cfg.data.batch_size
-        sampler = StreamSampler(
-            len(self.train_dataset), cfg.train.seed, consumed, self.dist.rank, self.dist.world_size
-        )
+        sampler = StreamSampler(len(self.train_dataset), cfg.train.seed, consumed, self.dist.rank, self.dist.world_size)
         loader = DataLoader(
-            KeyedDataset(self.train_dataset), batch_size=bs, sampler=sampler, num_workers=cfg.data.num_workers,
-            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+            KeyedDataset(self.train_dataset),
+            batch_size=bs,
+            sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
         batches = iter(loader)
         terms = stage.losses or ["ce"]
         amp = cfg.train.amp and self.device.type == "cuda"
         bar = tqdm(
-            total=stage.steps, initial=start_step, desc=f"{name}", disable=not (self.progress and self.dist.is_main),
+            total=stage.steps,
+            initial=start_step,
+            desc=f"{name}",
+            disable=not (self.progress and self.dist.is_main),
             dynamic_ncols=True,
         )
         t0 = time.time()
@@ -330,8 +337,13 @@ class Trainer:
             if done % max(cfg.train.log_every, 1) == 0 or done == stage.steps:
                 reduced = dist_utils.all_reduce_mean(step_terms, self.device)  # collective: every rank calls it
                 if self.dist.is_main:
-                    rec = {"stage": name, "step": done, "lr": scheduler.get_last_lr()[0], **reduced,
-                           "time": round(time.time() - t0, 3)}
+                    rec = {
+                        "stage": name,
+                        "step": done,
+                        "lr": scheduler.get_last_lr()[0],
+                        **reduced,
+                        "time": round(time.time() - t0, 3),
+                    }
                     self.run.log_metrics(rec)
                     if self.tb is not None:
                         for k, v in reduced.items():
@@ -377,8 +389,12 @@ class Trainer:
         if not hasattr(self.model.head, "prototypes"):
             raise ValueError(f"stage {name}: projection needs a prototype model, not {self.model.method}")
         result = projection.project_prototypes(
-            self.model, self._projection_dataset(), device=self.device, ignore_index=self.ignore_index,
-            num_workers=self.cfg.data.num_workers, progress=self.progress and self.dist.is_main,
+            self.model,
+            self._projection_dataset(),
+            device=self.device,
+            ignore_index=self.ignore_index,
+            num_workers=self.cfg.data.num_workers,
+            progress=self.progress and self.dist.is_main,
         )
         projection.apply_projection(self.model, result)
         before = self.model.head.num_prototypes
@@ -386,31 +402,46 @@ class Trainer:
         result = result.select(report.kept)
         if self.dist.is_main:
             atomic_write_json(self.run.root / "projection.json", result.to_dict())
-        return {"prototypes_before": before, "prototypes_after": self.model.head.num_prototypes,
-                "duplicates_removed": len(report.removed)}
+        return {
+            "prototypes_before": before,
+            "prototypes_after": self.model.head.num_prototypes,
+            "duplicates_removed": len(report.removed),
+        }
 
     def _pruning_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
         from scaleprotoseg import projection
 
         before = self.model.head.num_prototypes
         report = projection.prune_prototypes(
-            self.model, self._projection_dataset(), k=stage.prune_k, threshold=stage.prune_threshold,
-            device=self.device, ignore_index=self.ignore_index, progress=self.progress and self.dist.is_main,
+            self.model,
+            self._projection_dataset(),
+            k=stage.prune_k,
+            threshold=stage.prune_threshold,
+            device=self.device,
+            ignore_index=self.ignore_index,
+            progress=self.progress and self.dist.is_main,
         )
         proj_file = self.run.root / "projection.json"
         if proj_file.is_file() and self.dist.is_main:
             result = projection.ProjectionResult.from_dict(json.loads(proj_file.read_text()))
             atomic_write_json(proj_file, result.select(report.kept).to_dict())
-        return {"prototypes_before": before, "prototypes_after": self.model.head.num_prototypes,
-                "pruned": len(report.pruned), "rescued": len(report.rescued)}
+        return {
+            "prototypes_before": before,
+            "prototypes_after": self.model.head.num_prototypes,
+            "pruned": len(report.pruned),
+            "rescued": len(report.rescued),
+        }
 
     def _threshold_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
         head = self.model.head
         if getattr(head, "grouping", None) is None:
             raise ValueError(f"stage {name}: thresholding needs trained groups (run group stages first)")
         zeroed = head.grouping.threshold_(stage.alpha)
-        return {"alpha": stage.alpha, "weights_zeroed": zeroed,
-                "prototypes_used": int(head.grouping.used_prototypes().numel())}
+        return {
+            "alpha": stage.alpha,
+            "weights_zeroed": zeroed,
+            "prototypes_used": int(head.grouping.used_prototypes().numel()),
+        }
 
     # -- validation and export ---------------------------------------------------------------------------------
     def validate(self, stage: str, step: int | None = None) -> dict[str, Any]:
@@ -421,9 +452,16 @@ class Trainer:
 
         d = self.cfg.data
         res = evaluate(
-            self.model, self.val_dataset, num_classes=self.num_classes, ignore_index=self.ignore_index,
-            device=self.device, mode=d.test_mode, crop_size=tuple(d.crop_size), test_size=d.test_size,
-            msc_scales=tuple(d.msc_scales), progress=False,
+            self.model,
+            self.val_dataset,
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+            device=self.device,
+            mode=d.test_mode,
+            crop_size=tuple(d.crop_size),
+            test_size=d.test_size,
+            msc_scales=tuple(d.msc_scales),
+            progress=False,
         )
         out = {"val_miou": float(res["miou"]), "val_pixel_accuracy": float(res["pixel_accuracy"])}
         if self.dist.is_main:

@@ -42,8 +42,9 @@ class ModelOutput:
 
     def map(self, fn: Any) -> ModelOutput:
         """Apply ``fn`` to every tensor field (e.g. to resize or detach)."""
-        return ModelOutput(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                              for f in fields(self)})
+        return ModelOutput(
+            **{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name)) for f in fields(self)}
+        )
 
 
 def class_assignment_weights(column_class: torch.Tensor, num_classes: int, own: float = 1.0, other: float = -0.5):

@@ -49,7 +49,7 @@ class Segmenter(nn.Module):
         groups = self.param_groups()
         unknown = [n for n in names if n not in groups]
         frozen_bn = set()
-        if getattr(self.backbone, "freeze_bn", False):
+        if getattr(self.backbone, "bn_frozen", False):
             for m in self.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     frozen_bn.update(id(p) for p in m.parameters())

