@@ -110,7 +110,8 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"{source}: weights do not match the model; missing keys: {missing[:10]}, unexpected keys: {unexpected[:10]}"
+            f"{source}: weights do not match the model; "
+            f"missing keys: {missing[:10]}, unexpected keys: {unexpected[:10]}"
         )
 
 

@@ -184,7 +184,8 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
                 raise RuntimeError(
-                    "train.tensorboard is true but tensorboard is not installed; pip install 'scaleprotoseg[tensorboard]'"
+                    "train.tensorboard is true but tensorboard is not installed; "
+                    "pip install 'scaleprotoseg[tensorboard]'"
                 ) from err
             self.tb = SummaryWriter(str(self.run.root / "tensorboard"))
         results = []
