@@ -367,10 +367,16 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
     defaults = default_stages(cfg.model.method)
     raw_stages = (data.get("train") or {}).get("stages") or {}
     if raw_stages:
-        # Stages named in the file override the defaults field by field; unnamed defaults keep their values.
+        # Stages named in the file override the defaults field by field; unnamed defaults keep their values. A stage
+        # the method does not have is a typo unless it says its ``kind`` (a user's own extra stage).
         stages: dict[str, StageConfig] = {}
-        names = list(defaults) + [k for k in raw_stages if k not in defaults]
-        for name in names:
+        for name, raw in raw_stages.items():
+            if name not in defaults and not (isinstance(raw, dict) and "kind" in raw):
+                raise ConfigError(
+                    f"{source}: train.stages.{name}: {cfg.model.method} has no stage {name!r}; its stages are "
+                    f"{', '.join(defaults)} (a new stage must set its kind)"
+                )
+        for name in list(defaults) + [k for k in raw_stages if k not in defaults]:
             base = to_dict(defaults[name]) if name in defaults else {}
             merged = _merge(base, raw_stages.get(name) or {})
             stages[name] = from_dict(StageConfig, merged, f"train.stages.{name}")
