@@ -152,3 +152,10 @@ def test_nan_loss_stops_with_stage_and_step_and_keeps_checkpoint(synthetic_folde
     assert state["step"] == 2
     w = load_file(str(run / "checkpoints" / "train" / "partial" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
+
+
+def test_missing_file_fails_at_start_naming_it(synthetic_folder, tmp_path):
+    (synthetic_folder / "images" / "img03.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"img03"):
+        Trainer(tiny_config(synthetic_folder, "deeplabv2"), tmp_path / "run", device="cpu", progress=False)
+    assert not (tmp_path / "run").exists()

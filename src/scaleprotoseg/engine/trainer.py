@@ -130,6 +130,22 @@ class Trainer:
             self.val_dataset = build_dataset(self.cfg.data, self.cfg.data.val_split, train=False)
         if len(self.train_dataset) == 0:
             raise ValueError(f"the training split {self.cfg.data.train_split!r} of {self.cfg.data.root} is empty")
+        self._check_files_exist()
+
+    def _check_files_exist(self) -> None:
+        """Fail at start, not hours later, when a listed file is missing (contents: ``scaleprotoseg data check``)."""
+        missing: list[str] = []
+        for ds in (self.train_dataset, self.val_dataset):
+            if ds is None or not hasattr(ds, "sample_files"):
+                continue
+            for i in range(len(ds)):
+                missing += [str(f) for f in ds.sample_files(i) if not Path(f).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise FileNotFoundError(
+                f"{len(missing)} dataset file(s) listed in the splits do not exist: {', '.join(missing[:5])}{more}; "
+                f"run `scaleprotoseg data check` on the dataset"
+            )
 
     def _projection_dataset(self):
         """Training images as the model sees them at test time (whole, no augmentation) for projection/pruning."""
