@@ -35,7 +35,7 @@ format: venv
 
 demo: venv
 	$(PY) -m scaleprotoseg data samples --out $(SAMPLES)
-	$(PY) -m scaleprotoseg train -c configs/samples/nuclei_scaleprotoseg.yaml --run $(DEMO_RUN)
+	$(PY) -m scaleprotoseg train -c configs/samples/nuclei_scaleprotoseg.yaml --run-dir $(DEMO_RUN)
 	$(PY) -m scaleprotoseg evaluate $(DEMO_RUN)
 	$(PY) -m scaleprotoseg report $(DEMO_RUN)
 	@echo "Demo run: $(DEMO_RUN)  report: $(DEMO_RUN)/report/index.html"

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.stages.joint.steps=100 (repeatable)",
     )
-    parser.add_argument("--run", help="run directory (default: runs/<config name>)")
+    parser.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its last checkpoint")
     parser.add_argument("--stages", help="comma-separated subset of stages to run, e.g. group_warmup,group_joint")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
@@ -41,11 +41,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.config:
             raise ValueError("train: give a config with -c CONFIG (or --resume RUN)")
         cfg = load_config(args.config, args.overrides)
-        run_dir = Path(args.run or Path("runs") / cfg.name)
+        run_dir = Path(args.run_dir or Path("runs") / cfg.name)
         if (run_dir / "state.json").is_file() and not args.stages:
             raise ValueError(
                 f"run directory {run_dir} already holds a run; use --resume {run_dir} to continue it, "
-                "--stages to re-run chosen stages, or another --run"
+                "--stages to re-run chosen stages, or another --run-dir"
             )
     stop_at = None
     if args.stop_at:

@@ -12,7 +12,16 @@ if TYPE_CHECKING:
 
 # name -> a SegmentationDataset subclass (built with ``from_config``) or a callable ``(data_cfg, split) -> dataset``.
 _REGISTRY: dict[str, Any] = {}
-_BUILTIN_MODULES = ("folder", "pascal_voc", "cityscapes", "ade20k", "coco_stuff", "isbi_em", "panoptic_parts")
+_BUILTIN_MODULES = (
+    "folder",
+    "folder_parts",
+    "pascal_voc",
+    "cityscapes",
+    "ade20k",
+    "coco_stuff",
+    "isbi_em",
+    "panoptic_parts",
+)
 
 
 def register_dataset(name: str) -> Callable[[Any], Any]:
