@@ -205,25 +205,21 @@ class Trainer:
                 ) from err
             self.tb = SummaryWriter(str(self.run.root / "tensorboard"))
         results = []
-        loaded_from: str | None = None
+        in_memory = False  # does self.model hold the output of the stage before this one?
         for i, name in enumerate(names):
-            if name in completed and not (only and name in only):
-                loaded_from = name
+            if (only and name not in only) or (not only and name in completed):
+                in_memory = False
                 continue
-            if only and name not in only:
-                continue
-            if loaded_from is not None:
-                self.load_stage_checkpoint(loaded_from)
-            else:
-                # starting the first stage to run: an earlier completed stage (e.g. with --stages) provides weights
+            if not in_memory:
                 earlier = [n for n in names[:i] if n in completed]
-                if earlier:
+                if earlier:  # resuming, or --stages: start from the latest finished stage before this one
                     self.load_stage_checkpoint(earlier[-1])
-            loaded_from = None
             results.append(self._run_stage(i, name, self.cfg.train.stages[name]))
             completed = [n for n in completed if n != name] + [name]
             if self.dist.is_main:
                 self.run.write_state({"completed": completed, "current": None})
+            in_memory = True
+            dist_utils.barrier()
         if results and self.dist.is_main:
             self.export_final(results[-1].name)
         dist_utils.barrier()
@@ -509,5 +505,12 @@ class Trainer:
                 projection.save_prototype_patches(result, self._projection_dataset(), tmp / "prototypes")
             except Exception as err:  # patches are a convenience: a missing file must not lose the run
                 (tmp / "prototypes_error.txt").write_text(f"could not save prototype patches: {err}\n")
+            try:  # nearest training patches for the explanations (Figures 14-19); convenience as above
+                from scaleprotoseg.explain.nearest import export_nearest_patches
+
+                export_nearest_patches(self.model, self._projection_dataset(), tmp / "nearest", k=3,
+                                       device=self.device, ignore_index=self.ignore_index)
+            except Exception as err:
+                (tmp / "nearest_error.txt").write_text(f"could not save nearest training patches: {err}\n")
         replace_dir(tmp, final)
         return final
