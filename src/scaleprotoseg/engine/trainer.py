@@ -508,8 +508,14 @@ class Trainer:
             try:  # nearest training patches for the explanations (Figures 14-19); convenience as above
                 from scaleprotoseg.explain.nearest import export_nearest_patches
 
-                export_nearest_patches(self.model, self._projection_dataset(), tmp / "nearest", k=3,
-                                       device=self.device, ignore_index=self.ignore_index)
+                export_nearest_patches(
+                    self.model,
+                    self._projection_dataset(),
+                    tmp / "nearest",
+                    k=3,
+                    device=self.device,
+                    ignore_index=self.ignore_index,
+                )
             except Exception as err:
                 (tmp / "nearest_error.txt").write_text(f"could not save nearest training patches: {err}\n")
         replace_dir(tmp, final)
