@@ -21,7 +21,11 @@ def test_paper_hyperparameters_in_configs():
     st = city.train.stages
     assert [n for n in st] == ["warmup", "joint", "projection", "group_warmup", "group_joint", "threshold"]
     assert (st["warmup"].steps, st["joint"].steps, st["group_warmup"].steps, st["group_joint"].steps) == (
-        3000, 30000, 2000, 30000)
+        3000,
+        30000,
+        2000,
+        30000,
+    )
     assert st["joint"].lr == {"backbone": 2.5e-5, "aspp": 2.5e-4, "prototypes": 2.5e-4}
     assert st["joint"].schedule == "poly" and st["warmup"].schedule == "constant"
     assert city.data.batch_size * st["joint"].accumulation == 10

@@ -86,14 +86,17 @@ def load_run_model(
 class Predictor:
     """Segment and explain images with a trained run."""
 
-    def __init__(self, model: Segmenter, cfg: Config, info: RunInfo, device: torch.device) -> None:
+    def __init__(
+        self, model: Segmenter, cfg: Config, info: RunInfo, device: torch.device, run_dir: Path | None = None
+    ) -> None:
         self.model, self.cfg, self.info, self.device = model, cfg, info, device
+        self.run_dir = run_dir  # the run the weights came from (its final/ holds prototype patches)
 
     @classmethod
     def from_run(cls, run: str | Path, stage: str | None = None, device: str = "cpu") -> Predictor:
         dev = resolve_device(device)
         model, cfg, info = load_run_model(run, stage, dev)
-        return cls(model, cfg, info, dev)
+        return cls(model, cfg, info, dev, Path(run))
 
     @property
     def class_names(self) -> list[str]:

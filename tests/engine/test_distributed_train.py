@@ -19,16 +19,37 @@ def _free_port() -> int:
 def test_torchrun_two_processes_train_all_stages(synthetic_folder, tmp_path):
     run = tmp_path / "run"
     sets = [
-        f"data.root={synthetic_folder}", "data.crop_size=[32, 32]", "data.batch_size=2", "data.num_workers=0",
-        "model.backbone=resnet18", "model.aspp_rates=[1, 2]", "model.aspp_channels=8",
-        "model.prototypes_per_class=2", "model.groups_per_class=2", "train.checkpoint_every=0", "train.device=cpu",
+        f"data.root={synthetic_folder}",
+        "data.crop_size=[32, 32]",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "model.backbone=resnet18",
+        "model.aspp_rates=[1, 2]",
+        "model.aspp_channels=8",
+        "model.prototypes_per_class=2",
+        "model.groups_per_class=2",
+        "train.checkpoint_every=0",
+        "train.device=cpu",
     ]
     for s in ["warmup", "joint", "group_warmup", "group_joint"]:
         sets += [f"train.stages.{s}.steps=2", f"train.stages.{s}.accumulation=1"]
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("name: ddp\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "scaleprotoseg", "train", "-c", str(cfg), "--run-dir", str(run), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "scaleprotoseg",
+        "train",
+        "-c",
+        str(cfg),
+        "--run-dir",
+        str(run),
+        "--no-progress",
+    ]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -232,8 +232,12 @@ class Analyzer:
 
     def meta(self, **extra: Any) -> dict[str, Any]:
         return {
-            "run": str(self.run), "method": self.info.method, "stage": self.opts.stage or "final",
-            "checkpoint_stage": self.info.stage, "seed": self.opts.seed, **extra,
+            "run": str(self.run),
+            "method": self.info.method,
+            "stage": self.opts.stage or "final",
+            "checkpoint_stage": self.info.stage,
+            "seed": self.opts.seed,
+            **extra,
         }
 
     # -- data ----------------------------------------------------------------------------------------------------
@@ -313,8 +317,11 @@ class Analyzer:
         P = self.head.num_prototypes
         used = self.used_prototype_mask()
         cls = self.head.prototype_class.cpu().numpy()
-        kw = {"percentiles": CONSISTENCY_PERCENTILES, "count_background": self.opts.count_background,
-              "prototypes_used": used}
+        kw = {
+            "percentiles": CONSISTENCY_PERCENTILES,
+            "count_background": self.opts.count_background,
+            "prototypes_used": used,
+        }
         cons = ConsistencyAccumulator(P, cls, parts, **kw) if consistency else None
         stab = StabilityAccumulator(P, cls, parts, **kw) if stability else None
         gen = torch.Generator(device=self.device)
@@ -330,33 +337,56 @@ class Analyzer:
                 noisy = add_gaussian_noise(x, self.opts.noise_std, generator=gen)
                 stab.update(act, self._np(self.forward(noisy).activations), label, part_map)
             count += 1
-        meta = self.meta(dataset=ds.info.name, split=self.split(), num_images=count,
-                         count_background=self.opts.count_background,
-                         prototypes_scored=int(used.sum()), num_prototypes=P)
+        meta = self.meta(
+            dataset=ds.info.name,
+            split=self.split(),
+            num_images=count,
+            count_background=self.opts.count_background,
+            prototypes_scored=int(used.sum()),
+            num_prototypes=P,
+        )
         part_names = {int(c): list(n) for c, n in ds.part_names.items()}
         out: dict[str, MetricResult] = {}
         c_res = s_res = None
         if cons is not None:
             c_res = cons.compute()
-            rows = [[p, c_res["scores"][p], int(c_res["consistent"][i][c_res["evaluated"]].sum()),
-                     c_res["num_evaluated"]] for i, p in enumerate(c_res["percentiles"])]
+            rows = [
+                [p, c_res["scores"][p], int(c_res["consistent"][i][c_res["evaluated"]].sum()), c_res["num_evaluated"]]
+                for i, p in enumerate(c_res["percentiles"])
+            ]
             rows.append(["mean", c_res["score"], None, c_res["num_evaluated"]])
-            summary = {**c_res, "part_names": part_names, "threshold": cons.threshold,
-                       "prototype_class": cls, "prototype_scale": self.head.prototype_scale.cpu().numpy()}
+            summary = {
+                **c_res,
+                "part_names": part_names,
+                "threshold": cons.threshold,
+                "prototype_class": cls,
+                "prototype_scale": self.head.prototype_scale.cpu().numpy(),
+            }
             out["consistency"] = MetricResult(
-                "consistency", "Consistency of prototypes (Tables 3-4)", summary,
-                ["percentile", "consistency_%", "consistent_prototypes", "evaluated_prototypes"], rows, meta=meta)
+                "consistency",
+                "Consistency of prototypes (Tables 3-4)",
+                summary,
+                ["percentile", "consistency_%", "consistent_prototypes", "evaluated_prototypes"],
+                rows,
+                meta=meta,
+            )
         if stab is not None:
             s_res = stab.compute()
             n = s_res["num_pairs"]
-            rows = [[p, s_res["scores"][p], None if not n else round(s_res["scores"][p] * n / 100.0), n]
-                    for p in s_res["percentiles"]]
+            rows = [
+                [p, s_res["scores"][p], None if not n else round(s_res["scores"][p] * n / 100.0), n]
+                for p in s_res["percentiles"]
+            ]
             rows.append(["mean", s_res["score"], None, n])
             summary = {**s_res, "noise_std": self.opts.noise_std, "part_names": part_names}
             out["stability"] = MetricResult(
-                "stability", "Stability of prototypes under input noise (Tables 3-4)", summary,
-                ["percentile", "stability_%", "stable_pairs", "pairs"], rows,
-                meta={**meta, "noise_std": self.opts.noise_std})
+                "stability",
+                "Stability of prototypes under input noise (Tables 3-4)",
+                summary,
+                ["percentile", "stability_%", "stable_pairs", "pairs"],
+                rows,
+                meta={**meta, "noise_std": self.opts.noise_std},
+            )
         title = f"{self.run.name} ({ds.info.name}, {count} images)"
         if c_res is not None and np.isfinite(c_res["score"]):
             out["consistency"].figure = plot_consistency_stability(c_res, None, title=f"Consistency: {title}")
@@ -393,11 +423,17 @@ class Analyzer:
             extra = extra_parameters(P, D, C, P)
             layer = "h_proto"
         summary = {
-            "sparsity": float(counts.mean()), "threshold": SPARSITY_THRESHOLD,
+            "sparsity": float(counts.mean()),
+            "threshold": SPARSITY_THRESHOLD,
             "active_prototypes": {name: int(n) for name, n in zip(self.class_names, counts)},
-            "avg_abs_weight": average_abs_weight(W), "extra_parameters": int(extra), "last_layer": layer,
-            "last_layer_shape": list(W.shape), "num_prototypes": P, "prototypes_used": used,
-            "group_weights": n_group_weights, "feature_dim": D,
+            "avg_abs_weight": average_abs_weight(W),
+            "extra_parameters": int(extra),
+            "last_layer": layer,
+            "last_layer_shape": list(W.shape),
+            "num_prototypes": P,
+            "prototypes_used": used,
+            "group_weights": n_group_weights,
+            "feature_dim": D,
         }
         rows: list[list[Any]] = [[i, n, int(k)] for i, (n, k) in enumerate(zip(self.class_names, counts))]
         rows.append([None, "mean", float(counts.mean())])
@@ -409,8 +445,15 @@ class Analyzer:
         ax.set_title(f"Sparsity ({layer}): avg |w| {summary['avg_abs_weight']:.3f}, +{extra / 1e3:.1f}K parameters")
         ax.legend(fontsize="small")
         ax.grid(axis="y", alpha=0.3)
-        return MetricResult("sparsity", "Sparsity of the last layer (Tables 3-4, 10)", summary,
-                            ["class_index", "class", "active_prototypes"], rows, fig, self.meta())
+        return MetricResult(
+            "sparsity",
+            "Sparsity of the last layer (Tables 3-4, 10)",
+            summary,
+            ["class_index", "class", "active_prototypes"],
+            rows,
+            fig,
+            self.meta(),
+        )
 
     # -- prototypes per step (Tables 2, 7) -----------------------------------------------------------------------
     def _stage_names(self) -> list[tuple[str, str]]:
@@ -424,9 +467,17 @@ class Analyzer:
 
         d = self.cfg.data
         res = evaluate(
-            model, dataset, num_classes=len(self.class_names), ignore_index=self.info.ignore_index,
-            device=self.device, mode=d.test_mode, crop_size=tuple(d.crop_size), test_size=d.test_size,
-            msc_scales=tuple(d.msc_scales), max_samples=self.opts.max_images, progress=self.opts.progress,
+            model,
+            dataset,
+            num_classes=len(self.class_names),
+            ignore_index=self.info.ignore_index,
+            device=self.device,
+            mode=d.test_mode,
+            crop_size=tuple(d.crop_size),
+            test_size=d.test_size,
+            msc_scales=tuple(d.msc_scales),
+            max_samples=self.opts.max_images,
+            progress=self.opts.progress,
         )
         return 100.0 * float(res["miou"])
 
@@ -450,15 +501,40 @@ class Analyzer:
         initial = len(prototype_layout(C, self.cfg.model.prototypes_per_class, self.num_scales)[0])
         columns = ["step", "stage", "alpha", "prototypes", "group_avg", "miou"]
         rows: list[list[Any]] = [["initial", None, None, initial, None, None]]
-        steps: list[dict[str, Any]] = [{"step": "initial", "stage": None, "alpha": None, "prototypes": initial,
-                                        "group_avg": None, "miou": None, "per_class": None}]
+        steps: list[dict[str, Any]] = [
+            {
+                "step": "initial",
+                "stage": None,
+                "alpha": None,
+                "prototypes": initial,
+                "group_avg": None,
+                "miou": None,
+                "per_class": None,
+            }
+        ]
         notes: list[str] = []
 
-        def add(step: str, stage: str, prototypes: int, miou: float, alpha: float | None = None,
-                group_avg: float | None = None, per_class: Any = None) -> None:
+        def add(
+            step: str,
+            stage: str,
+            prototypes: int,
+            miou: float,
+            alpha: float | None = None,
+            group_avg: float | None = None,
+            per_class: Any = None,
+        ) -> None:
             rows.append([step, stage, alpha, prototypes, group_avg, miou])
-            steps.append({"step": step, "stage": stage, "alpha": alpha, "prototypes": prototypes,
-                          "group_avg": group_avg, "miou": miou, "per_class": per_class})
+            steps.append(
+                {
+                    "step": step,
+                    "stage": stage,
+                    "alpha": alpha,
+                    "prototypes": prototypes,
+                    "group_avg": group_avg,
+                    "miou": miou,
+                    "per_class": per_class,
+                }
+            )
 
         def per_class(model: Any) -> dict[str, int]:
             counts = np.bincount(model.head.prototype_class.cpu().numpy(), minlength=C)
@@ -495,9 +571,15 @@ class Analyzer:
                     n_used = int(model.head.grouping.used_prototypes().numel())
                     if n_used != counts[alpha]["prototypes"]:  # pragma: no cover - two codings of one definition
                         raise RuntimeError(f"alpha {alpha}: {n_used} used prototypes vs {counts[alpha]['prototypes']}")
-                    add("grouped", source, n_used, self._evaluate(model, ds), alpha=alpha,
+                    add(
+                        "grouped",
+                        source,
+                        n_used,
+                        self._evaluate(model, ds),
+                        alpha=alpha,
                         group_avg=counts[alpha]["group_avg"],
-                        per_class={n: int(k) for n, k in zip(self.class_names, counts[alpha]["per_class"])})
+                        per_class={n: int(k) for n, k in zip(self.class_names, counts[alpha]["per_class"])},
+                    )
             else:
                 notes.append("no checkpoint with groups yet: the grouped rows are left out")
         else:
@@ -505,8 +587,7 @@ class Analyzer:
             pruning = next((n for n, k in stages if k == "pruning"), None)
             if last is not None and pruning is not None and names.index(last) > names.index(pruning):
                 model, _, _ = load_run_model(self.run, last, self.device)
-                add("finetuned", last, model.head.num_prototypes, self._evaluate(model, ds),
-                    per_class=per_class(model))
+                add("finetuned", last, model.head.num_prototypes, self._evaluate(model, ds), per_class=per_class(model))
         alphas = list(GROUP_ALPHAS) if self.info.method == "scaleprotoseg" else []
         summary = {"split": split, "steps": steps, "alphas": alphas, "notes": notes}
         fig, (ax_p, ax_m) = _new_figure(2)
@@ -520,8 +601,15 @@ class Analyzer:
             ax.grid(axis="y", alpha=0.3)
         ax_p.set_title("Prototypes per step (Tables 2, 7)")
         ax_m.set_title("mIoU per step")
-        return MetricResult("prototypes", "Prototypes and mIoU per step (Tables 2, 7)", summary, columns, rows, fig,
-                            self.meta(split=split, num_images=min(len(ds), self.opts.max_images or len(ds))))
+        return MetricResult(
+            "prototypes",
+            "Prototypes and mIoU per step (Tables 2, 7)",
+            summary,
+            columns,
+            rows,
+            fig,
+            self.meta(split=split, num_images=min(len(ds), self.opts.max_images or len(ds))),
+        )
 
     # -- group overlap (Table 9) ---------------------------------------------------------------------------------
     def group_overlap(self) -> MetricResult:
@@ -544,11 +632,21 @@ class Analyzer:
         ]
         rows.append([None, "mean", res["miou"], res["pooled_iou"], count])
         fig = plot_group_overlap(res, self.class_names) if res["class_iou"] else None
-        summary = {**res, "quantile": acc.quantile, "mode": acc.mode,
-                   "class_names": {c: self.class_names[c] for c in res["class_iou"]}}
-        return MetricResult("group-overlap", "Overlap of group activations (Table 9)", summary,
-                            ["class_index", "class", "iou_%", "pooled_iou_%", "images"], rows, fig,
-                            self.meta(split=split, num_images=count))
+        summary = {
+            **res,
+            "quantile": acc.quantile,
+            "mode": acc.mode,
+            "class_names": {c: self.class_names[c] for c in res["class_iou"]},
+        }
+        return MetricResult(
+            "group-overlap",
+            "Overlap of group activations (Table 9)",
+            summary,
+            ["class_index", "class", "iou_%", "pooled_iou_%", "images"],
+            rows,
+            fig,
+            self.meta(split=split, num_images=count),
+        )
 
     # -- connected components (Figure 3) -------------------------------------------------------------------------
     def components(self) -> MetricResult:
@@ -565,16 +663,29 @@ class Analyzer:
             count += 1
         res = acc.compute()
         rows = [
-            [int(s) + 1, q, res["mean_count"][i, j], res["mean_area"][i, j], res["pooled_area"][i, j],
-             int(res["num_maps"][i])]
-            for i, s in enumerate(res["scales"]) for j, q in enumerate(res["quantiles"])
+            [
+                int(s) + 1,
+                q,
+                res["mean_count"][i, j],
+                res["mean_area"][i, j],
+                res["pooled_area"][i, j],
+                int(res["num_maps"][i]),
+            ]
+            for i, s in enumerate(res["scales"])
+            for j, q in enumerate(res["quantiles"])
         ]
         title = f"Binarised prototype activations per scale: {self.run.name}"
         fig = plot_components(res, title=title) if count else None
         summary = {**res, "area_unit": "feature cells", "cell_pixels": self.model.output_stride**2}
-        return MetricResult("components", "Connected components per scale (Figure 3)", summary,
-                            ["scale", "p_th", "mean_count", "mean_area", "pooled_area", "maps"], rows, fig,
-                            self.meta(split=split, num_images=count))
+        return MetricResult(
+            "components",
+            "Connected components per scale (Figure 3)",
+            summary,
+            ["scale", "p_th", "mean_count", "mean_area", "pooled_area", "maps"],
+            rows,
+            fig,
+            self.meta(split=split, num_images=count),
+        )
 
     # -- quasi-equivariance (supplement 11, Figure 7) ------------------------------------------------------------
     def equivariance(self) -> MetricResult:
@@ -588,9 +699,13 @@ class Analyzer:
             raise NotApplicable("needs prototypes at several scales (ScaleProtoSeg)")
         ratios = atrous_scale_ratios(self.head.aspp.rates)
         acc = EquivarianceAccumulator(
-            self.head.prototype_class.cpu().numpy(), self.head.prototype_scale.cpu().numpy(), ratios,
-            EQUIVARIANCE_QUANTILES, num_groups=self.head.grouping.num_groups if self.grouped else None,
-            prototype_mask=self.used_prototype_mask(), ignore_index=self.info.ignore_index,
+            self.head.prototype_class.cpu().numpy(),
+            self.head.prototype_scale.cpu().numpy(),
+            ratios,
+            EQUIVARIANCE_QUANTILES,
+            num_groups=self.head.grouping.num_groups if self.grouped else None,
+            prototype_mask=self.used_prototype_mask(),
+            ignore_index=self.info.ignore_index,
         )
         split = self.split(self.cfg.data.train_split)
         count = 0
@@ -606,18 +721,39 @@ class Analyzer:
             acc.update(maps, item["label"].numpy())
             count += 1
         res = acc.compute()
-        rows = [[q, len(r["pairs"]), len(r["groups"]), r["ratio_groups"], r["ratio_prototypes"], r["ratio_classes"],
-                 r["num_candidate_pairs"]] for q, r in res.items()]
+        rows = [
+            [
+                q,
+                len(r["pairs"]),
+                len(r["groups"]),
+                r["ratio_groups"],
+                r["ratio_prototypes"],
+                r["ratio_classes"],
+                r["num_candidate_pairs"],
+            ]
+            for q, r in res.items()
+        ]
         fig = plot_equivariance(res, title=f"Quasi-equivariance across scales: {self.run.name}")
-        summary = {"scale_ratios": ratios, "quantiles": EQUIVARIANCE_QUANTILES, "iou_threshold": acc.iou_threshold,
-                   "num_groups": acc.num_groups, "results": res,
-                   "candidate_pairs": [
-                       {"class": c, "scales": [s1, s2], "prototypes": [p1, p2], "iou": dict(zip(acc.quantiles, iou))}
-                       for c, s1, s2, p1, p2, iou in acc.pair_ious()
-                   ]}
-        return MetricResult("equivariance", "Quasi-equivariant prototypes across scales (Figure 7)", summary,
-                            ["p_th", "pairs", "groups", "ratio_groups", "ratio_prototypes", "ratio_classes",
-                             "candidate_pairs"], rows, fig, self.meta(split=split, num_images=count))
+        summary = {
+            "scale_ratios": ratios,
+            "quantiles": EQUIVARIANCE_QUANTILES,
+            "iou_threshold": acc.iou_threshold,
+            "num_groups": acc.num_groups,
+            "results": res,
+            "candidate_pairs": [
+                {"class": c, "scales": [s1, s2], "prototypes": [p1, p2], "iou": dict(zip(acc.quantiles, iou))}
+                for c, s1, s2, p1, p2, iou in acc.pair_ious()
+            ],
+        }
+        return MetricResult(
+            "equivariance",
+            "Quasi-equivariant prototypes across scales (Figure 7)",
+            summary,
+            ["p_th", "pairs", "groups", "ratio_groups", "ratio_prototypes", "ratio_classes", "candidate_pairs"],
+            rows,
+            fig,
+            self.meta(split=split, num_images=count),
+        )
 
     # -- dispatch ------------------------------------------------------------------------------------------------
     def run_metrics(self, metrics: Sequence[str]) -> Iterator[tuple[str, MetricResult | NotApplicable]]:
@@ -626,8 +762,13 @@ class Analyzer:
         if unknown:
             raise ValueError(f"unknown metric(s) {', '.join(unknown)}; expected {', '.join(METRICS)} or all")
         wanted = [m for m in METRICS if m in metrics]
-        drivers = {"sparsity": self.sparsity, "prototypes": self.prototypes, "components": self.components,
-                   "group-overlap": self.group_overlap, "equivariance": self.equivariance}
+        drivers = {
+            "sparsity": self.sparsity,
+            "prototypes": self.prototypes,
+            "components": self.components,
+            "group-overlap": self.group_overlap,
+            "equivariance": self.equivariance,
+        }
         for metric in wanted:
             if metric in ("consistency", "stability"):
                 if metric == "stability" and "consistency" in wanted:

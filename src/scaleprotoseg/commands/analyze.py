@@ -13,24 +13,39 @@ from scaleprotoseg.analysis.runner import METRICS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory")
     parser.add_argument(
-        "metrics", nargs="+", metavar="METRIC", choices=[*METRICS, "all"],
+        "metrics",
+        nargs="+",
+        metavar="METRIC",
+        choices=[*METRICS, "all"],
         help=f"one or more of {', '.join(METRICS)}, or all (every metric that applies to the run)",
     )
-    parser.add_argument("--split", default=None,
-                        help="dataset split (default: the config's validation split; equivariance: its train split)")
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="dataset split (default: the config's validation split; equivariance: its train split)",
+    )
     parser.add_argument("--data-root", default=None, help="dataset root (default: the config's data.root)")
     parser.add_argument("--max-images", type=int, default=0, help="use only the first N images (0: all)")
     parser.add_argument("--stage", default=None, help="analyse this stage's checkpoint instead of final/")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--parts-dataset", default=None,
-                        help="part-annotated dataset for consistency/stability: cityscapes_panoptic_parts, "
-                             "pascal_panoptic_parts or folder_parts (default: the run's dataset if it has parts)")
-    parser.add_argument("--parts-root", default=None,
-                        help="part annotations: the Pascal-Panoptic-Parts label folder, Cityscapes' "
-                             "gtFinePanopticParts folder, or a folder_parts directory")
-    parser.add_argument("--count-background", action="store_true",
-                        help="consistency/stability: count the background component as a part keypoint, as the "
-                             "authors' release does (a bug kept for comparison)")
+    parser.add_argument(
+        "--parts-dataset",
+        default=None,
+        help="part-annotated dataset for consistency/stability: cityscapes_panoptic_parts, "
+        "pascal_panoptic_parts or folder_parts (default: the run's dataset if it has parts)",
+    )
+    parser.add_argument(
+        "--parts-root",
+        default=None,
+        help="part annotations: the Pascal-Panoptic-Parts label folder, Cityscapes' "
+        "gtFinePanopticParts folder, or a folder_parts directory",
+    )
+    parser.add_argument(
+        "--count-background",
+        action="store_true",
+        help="consistency/stability: count the background component as a part keypoint, as the "
+        "authors' release does (a bug kept for comparison)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the stability noise")
     parser.add_argument("--noise-std", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: data.num_workers)")
@@ -58,9 +73,16 @@ def run(args: argparse.Namespace) -> int:
     every = "all" in args.metrics
     metrics = list(METRICS) if every else list(dict.fromkeys(args.metrics))
     options = AnalysisOptions(
-        split=args.split, data_root=args.data_root, max_images=args.max_images, stage=args.stage,
-        parts_dataset=args.parts_dataset, parts_root=args.parts_root, seed=args.seed,
-        count_background=args.count_background, noise_std=noise, progress=not args.no_progress,
+        split=args.split,
+        data_root=args.data_root,
+        max_images=args.max_images,
+        stage=args.stage,
+        parts_dataset=args.parts_dataset,
+        parts_root=args.parts_root,
+        seed=args.seed,
+        count_background=args.count_background,
+        noise_std=noise,
+        progress=not args.no_progress,
         num_workers=args.workers,
     )
     analyzer = Analyzer(args.run, resolve_device(args.device), options)

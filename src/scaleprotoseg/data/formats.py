@@ -10,7 +10,9 @@ CITYSCAPES_TRAINID_TO_LABELID = np.array([7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 
 EXPORT_FORMATS = ("index", "cityscapes", "voc", "ade20k", "coco_stuff")
 
 
-def export_labels(labels: np.ndarray, fmt: str, palette: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def export_labels(
+    labels: np.ndarray, fmt: str, palette: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Map model class indices to a format's ids; returns (uint8 ids, palette for the PNG or None).
 
     - ``index``: the model's indices with the run's palette.
