@@ -18,16 +18,14 @@ from scaleprotoseg.ops import resize_labels
 from scaleprotoseg.projection import (
     ProjectionResult,
     apply_projection,
-    find_nearest_patches,
-    nearest_patches,
     project_prototypes,
     prototype_rates,
-    prune_prototypes,
     receptive_field_box,
     remove_duplicates,
     save_prototype_patches,
     scale_box,
 )
+from scaleprotoseg.pruning import find_nearest_patches, nearest_patches, prune_prototypes
 
 IGNORE = 255
 C = 3

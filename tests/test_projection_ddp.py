@@ -12,7 +12,8 @@ from torch import nn
 
 from scaleprotoseg.models.heads import PrototypeHead
 from scaleprotoseg.models.segmenter import Segmenter
-from scaleprotoseg.projection import nearest_patches, project_prototypes
+from scaleprotoseg.projection import project_prototypes
+from scaleprotoseg.pruning import nearest_patches
 
 IGNORE = 255
 C = 3

@@ -1,4 +1,4 @@
-"""Prototype projection ("push"), duplicate removal and ProtoSeg pruning (paper section 3.3, Stage 1).
+"""Prototype projection ("push") and duplicate removal (paper section 3.3, Stage 1).
 
 - :func:`project_prototypes`: every prototype becomes the nearest feature vector *of its own scale* among the
   training cells *of its own class* (ProtoPNet's push, done per scale for ScaleProtoSeg). Streaming over the
@@ -6,14 +6,7 @@
   and sharded under ``torch.distributed`` with a global merge that gives every rank the single-process result.
 - :func:`apply_projection` writes the vectors into the model; :func:`remove_duplicates` then drops exact
   duplicates (same scale, bitwise-identical vector), as the paper does after projection.
-- :func:`nearest_patches` / :func:`find_nearest_patches`: the k nearest labelled training cells of each prototype,
-  one per image by default, as ProtoPNet's ``find_k_nearest_patches_to_prototypes`` (``find_nearest.py``) keeps
-  for every image only ``np.amin`` of the prototype's distance map, i.e. the closest patch of that image, in a
-  size-k heap. ProtoSeg's segmentation version (gmum/proto-segmentation, reused by the ScaleProtoSeg release) does
-  the same per image after excluding void cells. Reused by the explanations (nearest training patches, Figs. 14-19).
-- :func:`prune_prototypes`: ProtoPNet's pruning for the ProtoSeg baseline (``prune.py``): a prototype is removed
-  when fewer than ``threshold`` (3) of its ``k`` (6) nearest patches belong to its class. Unlike ProtoPNet, we never
-  remove every prototype of a class: when that would happen, the class's best prototype is kept with a warning.
+- Nearest training patches and ProtoSeg's pruning live in :mod:`scaleprotoseg.pruning`.
 - :func:`save_prototype_patches`: the receptive-field crop of each projected prototype as a PNG, plus a manifest.
 
 Receptive-field boxes: a cell (row, col) on the feature grid of output stride ``os`` seen through the 3x3 ASPP
@@ -27,44 +20,32 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, Subset
-from tqdm import tqdm
 
 from scaleprotoseg.ops import resize_labels
-
-__all__ = [
-    "DuplicateReport",
-    "NearestPatches",
-    "ProjectionResult",
-    "PrototypeSource",
-    "PruneReport",
-    "apply_projection",
-    "find_nearest_patches",
-    "nearest_patches",
-    "project_prototypes",
-    "prototype_rates",
-    "prune_prototypes",
-    "receptive_field_box",
-    "remove_duplicates",
-    "save_prototype_patches",
-    "scale_box",
-]
-
-_SENTINEL = torch.iinfo(torch.int64).max  # dataset / cell index of an empty slot: sorts after every real key
+from scaleprotoseg.streaming import (
+    SENTINEL,
+    all_gather,
+    all_gather_object,
+    comm_device,
+    forward_maps,
+    iter_shard,
+    key_less,
+    progress_bar,
+    prototype_head,
+    shard_info,
+    unpack_item,
+    unwrap,
+)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Results
-# ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class PrototypeSource:
     """Where a projected prototype came from.
@@ -200,71 +181,6 @@ class DuplicateReport:
         }
 
 
-@dataclass
-class NearestPatches:
-    """The k nearest labelled training cells of some prototypes, nearest first; empty slots hold -1 (``inf``).
-
-    prototype_indices: (Q,) which prototypes (model numbering at search time).
-    distances: (Q, k) squared distances. labels: (Q, k) class of each patch. dataset_indices: (Q, k).
-    cells: (Q, k, 2) (row, col) on the feature grid. boxes: (Q, k, 4) receptive-field (y0, x0, y1, x1) in pixels.
-    image_sizes: (Q, k, 2) (H, W) of the image as the model saw it. names: (Q, k) sample names (``None`` if empty).
-    """
-
-    prototype_indices: torch.Tensor
-    distances: torch.Tensor
-    labels: torch.Tensor
-    dataset_indices: torch.Tensor
-    cells: torch.Tensor
-    boxes: torch.Tensor
-    image_sizes: torch.Tensor
-    names: list[list[str | None]]
-
-    @property
-    def k(self) -> int:
-        return self.distances.shape[1]
-
-
-@dataclass
-class PruneReport:
-    """ProtoPNet pruning outcome, old numbering. ``own_class_counts[p]``: how many of p's k nearest patches are of
-    p's class; ``rescued``: prototypes that failed the test but were kept as their class's last prototype."""
-
-    kept: list[int]
-    pruned: list[int]
-    rescued: list[int]
-    own_class_counts: list[int]
-    k: int
-    threshold: int
-    nearest: NearestPatches | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "threshold": self.threshold,
-            "num_before": len(self.own_class_counts),
-            "num_after": len(self.kept),
-            "kept": self.kept,
-            "pruned": self.pruned,
-            "rescued": self.rescued,
-            "own_class_counts": self.own_class_counts,
-        }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module (not the DDP wrapper: DDP's forward syncs buffers and would hang on uneven shards)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-
-
-def _head(net: nn.Module) -> nn.Module:
-    head = getattr(net, "head", None)
-    if head is None or not hasattr(head, "prototype_class"):
-        raise ValueError(f"model {type(net).__name__} has no prototype head; projection needs ProtoSeg/ScaleProtoSeg")
-    return head
-
-
 def prototype_rates(head: nn.Module) -> list[int]:
     """ASPP rate that defines each prototype's receptive field: ``aspp.rates[scale]`` for concatenated ASPP, the
     largest rate for ProtoSeg's summed ASPP (one scale)."""
@@ -305,93 +221,6 @@ def scale_box(
     return ny0, nx0, ny1, nx1
 
 
-def _first(batch: list[Any]) -> Any:
-    return batch[0]
-
-
-def _dist_state(distributed: bool | None) -> tuple[int, int]:
-    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed is None:
-        distributed = active
-    if distributed and not active:
-        raise ValueError("distributed=True but torch.distributed is not initialised with more than one process")
-    return (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-
-
-def _iter_shard(dataset: Any, rank: int, world: int, num_workers: int) -> tuple[Iterator[tuple[int, Any]], int | None]:
-    """(position, item) of this rank's shard ``rank::world``, one whole image at a time, and the shard length."""
-    if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-        indices = list(range(rank, len(dataset), world))
-        if num_workers > 0:
-            loader = DataLoader(
-                Subset(dataset, indices), batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=_first
-            )
-            return zip(indices, loader), len(indices)
-        return ((i, dataset[i]) for i in indices), len(indices)
-    if isinstance(dataset, Iterable):
-        return ((i, item) for i, item in enumerate(dataset) if i % world == rank), None
-    raise ValueError(f"dataset of type {type(dataset).__name__} is neither indexable nor iterable")
-
-
-def _unpack(item: dict[str, Any], pos: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, str]:
-    image = torch.as_tensor(item["image"])
-    label = torch.as_tensor(item["label"]).long()
-    if image.dim() == 4:  # an already batched item (B = 1)
-        image, label = image[0], label.reshape(label.shape[-2:])
-    if image.dim() != 3 or label.shape != image.shape[-2:]:
-        raise ValueError(
-            f"dataset item {pos}: image {tuple(image.shape)} and label {tuple(label.shape)}; expected (3, H, W), (H, W)"
-        )
-    index = int(item.get("index", pos))
-    name = str(item.get("name", index))
-    return image.to(device, torch.float32).unsqueeze(0), label.to(device), index, name
-
-
-def _forward(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out = net(x)
-    if getattr(out, "distances", None) is None or getattr(out, "features", None) is None:
-        raise ValueError("model output has no distances/features; projection needs a prototype head")
-    return out.features[0], out.distances[0]
-
-
-def _key_less(
-    d1: torch.Tensor, i1: torch.Tensor, c1: torch.Tensor, d2: torch.Tensor, i2: torch.Tensor, c2: torch.Tensor
-) -> torch.Tensor:
-    """Lexicographic (distance, dataset index, cell index) comparison, elementwise."""
-    return (d1 < d2) | ((d1 == d2) & ((i1 < i2) | ((i1 == i2) & (c1 < c2))))
-
-
-def _lex_order(d: torch.Tensor, i: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Per row, the permutation sorting (d, i, c) lexicographically (stable sorts from the last key)."""
-    perm = torch.sort(c, dim=1, stable=True).indices
-    perm = perm.gather(1, torch.sort(i.gather(1, perm), dim=1, stable=True).indices)
-    return perm.gather(1, torch.sort(d.gather(1, perm), dim=1, stable=True).indices)
-
-
-def _comm_device(device: torch.device) -> torch.device:
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _all_gather(t: torch.Tensor, comm: torch.device) -> list[torch.Tensor]:
-    t = t.to(comm).contiguous()
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [o.cpu() for o in out]
-
-
-def _all_gather_object(obj: Any) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _progress(it: Iterator, total: int | None, desc: str, enabled: bool) -> Iterator:
-    return tqdm(it, total=total, desc=desc, disable=not enabled, leave=False)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Projection
-# ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def project_prototypes(
     model: nn.Module,
@@ -417,9 +246,9 @@ def project_prototypes(
     call :func:`apply_projection`.
     """
     device = torch.device(device)
-    net = _unwrap(model)
-    head = _head(net)
-    rank, world = _dist_state(distributed)
+    net = unwrap(model)
+    head = prototype_head(net)
+    rank, world = shard_info(distributed)
     cls = head.prototype_class.to(device)
     scale = head.prototype_scale.to(device)
     P = cls.numel()
@@ -428,25 +257,25 @@ def project_prototypes(
     D = old.shape[1]
 
     best_d = torch.full((P,), math.inf, device=device)
-    best_i = torch.full((P,), _SENTINEL, dtype=torch.long, device=device)
-    best_c = torch.full((P,), _SENTINEL, dtype=torch.long, device=device)
+    best_i = torch.full((P,), SENTINEL, dtype=torch.long, device=device)
+    best_c = torch.full((P,), SENTINEL, dtype=torch.long, device=device)
     best_v = old.to(device, torch.float32).clone()
     meta: dict[int, tuple[str, int, int, int]] = {}  # dataset index -> (name, H, W, grid width), only live winners
 
     was_training = net.training
     net.eval()
     try:
-        items, total = _iter_shard(dataset, rank, world, num_workers)
-        for pos, item in _progress(items, total, "projection", progress and rank == 0):
-            x, label, index, name = _unpack(item, pos, device)
-            feats, dists = _forward(net, x)
+        items, total = iter_shard(dataset, rank, world, num_workers)
+        for pos, item in progress_bar(items, total, "projection", progress and rank == 0):
+            x, label, index, name = unpack_item(item, pos, device)
+            feats, dists = forward_maps(net, x)
             h, w = dists.shape[-2:]
             lab = resize_labels(label, (h, w)).reshape(-1)
             masked = torch.where(lab.unsqueeze(0) == cls.unsqueeze(1), dists.reshape(P, -1).float(), math.inf)
             cell = masked.argmin(dim=1)  # first minimum: the smallest cell index among ties
             d = masked.gather(1, cell.unsqueeze(1)).squeeze(1)
             idx = torch.full_like(best_i, index)
-            better = torch.isfinite(d) & _key_less(d, idx, cell, best_d, best_i, best_c)
+            better = torch.isfinite(d) & key_less(d, idx, cell, best_d, best_i, best_c)
             if not bool(better.any()):
                 continue
             vecs = feats.reshape(num_scales, D, h * w)[scale, :, cell].float()  # (P, D): own scale, chosen cell
@@ -462,13 +291,13 @@ def project_prototypes(
         net.train(was_training)
 
     if world > 1:
-        comm = _comm_device(device)
-        ds, is_, cs, vs = (_all_gather(t, comm) for t in (best_d, best_i, best_c, best_v))
+        comm = comm_device(device)
+        ds, is_, cs, vs = (all_gather(t, comm) for t in (best_d, best_i, best_c, best_v))
         live = set(best_i.tolist())
-        metas = _all_gather_object({k: v for k, v in meta.items() if k in live})
+        metas = all_gather_object({k: v for k, v in meta.items() if k in live})
         best_d, best_i, best_c, best_v = ds[0], is_[0], cs[0], vs[0]
         for r in range(1, world):
-            better = torch.isfinite(ds[r]) & _key_less(ds[r], is_[r], cs[r], best_d, best_i, best_c)
+            better = torch.isfinite(ds[r]) & key_less(ds[r], is_[r], cs[r], best_d, best_i, best_c)
             best_d = torch.where(better, ds[r], best_d)
             best_i = torch.where(better, is_[r], best_i)
             best_c = torch.where(better, cs[r], best_c)
@@ -521,7 +350,7 @@ def project_prototypes(
 def apply_projection(model: nn.Module, result: ProjectionResult) -> None:
     """Copy the projected vectors into the model's prototype parameter (in place; prototypes without a source keep
     their vector, which :func:`project_prototypes` already left unchanged)."""
-    head = _head(_unwrap(model))
+    head = prototype_head(unwrap(model))
     param = head.prototypes.prototypes
     if result.vectors is None:
         raise ValueError(
@@ -544,7 +373,7 @@ def remove_duplicates(model: nn.Module) -> DuplicateReport:
     """Remove exact duplicates after projection (section 3.3): prototypes of the same scale with bitwise-identical
     vectors; the first (lowest index) is kept. Class, scale and last-layer columns follow through
     ``head.remove_prototypes``. Use ``result.select(report.kept)`` to reindex a :class:`ProjectionResult`."""
-    head = _head(_unwrap(model))
+    head = prototype_head(unwrap(model))
     vectors = head.prototypes.prototypes.detach().cpu().contiguous()
     scales = head.prototype_scale.cpu().tolist()
     first: dict[tuple[int, bytes], int] = {}
@@ -563,258 +392,6 @@ def remove_duplicates(model: nn.Module) -> DuplicateReport:
     return DuplicateReport(kept=kept, removed=removed, duplicate_of=duplicate_of, num_before=vectors.shape[0])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Nearest patches and pruning
-# ---------------------------------------------------------------------------------------------------------------
-def _footprint_label(label: torch.Tensor, cell: tuple[int, int], grid: tuple[int, int], own: int, ignore: int) -> int:
-    """ProtoSeg release's patch label: the prototype's class if any pixel of the cell's footprint
-    ``[int(row * H / h), int((row + 1) * H / h))`` has it, else the footprint's most common labelled class."""
-    H, W = label.shape
-    ph, pw = H / grid[0], W / grid[1]
-    r, c = cell
-    y0, x0 = int(r * ph), int(c * pw)
-    patch = label[y0 : max(int((r + 1) * ph), y0 + 1), x0 : max(int((c + 1) * pw), x0 + 1)]
-    if bool((patch == own).any()):
-        return own
-    vals = patch[patch != ignore]
-    if vals.numel() == 0:
-        return -1
-    v, counts = torch.unique(vals, return_counts=True)
-    return int(v[counts.argmax()])
-
-
-@torch.no_grad()
-def nearest_patches(
-    model: nn.Module,
-    dataset: Any,
-    prototype_indices: Sequence[int] | torch.Tensor | None = None,
-    k: int = 6,
-    one_per_image: bool = True,
-    *,
-    device: torch.device | str = "cpu",
-    ignore_index: int = 255,
-    num_workers: int = 0,
-    progress: bool = True,
-    patch_label: Literal["cell", "footprint"] = "cell",
-    distributed: bool | None = None,
-) -> NearestPatches:
-    """The ``k`` nearest labelled training cells (any class, ignore cells excluded) of each selected prototype.
-
-    With ``one_per_image`` (default, ProtoPNet's ``find_k_nearest_patches_to_prototypes``) each image contributes at
-    most its closest cell; otherwise any cells. Streaming top-k per prototype with the (distance, dataset index,
-    cell index) order, sharded and merged under ``torch.distributed`` like :func:`project_prototypes`.
-    ``patch_label="cell"`` labels a patch with its cell's (nearest-downsampled) class; ``"footprint"`` follows the
-    ProtoSeg release: the prototype's class if any pixel under the cell has it, else the most common pixel class.
-    Used for pruning and for the explanations' nearest training patches (paper Figures 14-19).
-    """
-    if k < 1:
-        raise ValueError(f"k is {k}; expected k >= 1")
-    if patch_label not in ("cell", "footprint"):
-        raise ValueError(f"patch_label {patch_label!r}; expected 'cell' or 'footprint'")
-    device = torch.device(device)
-    net = _unwrap(model)
-    head = _head(net)
-    rank, world = _dist_state(distributed)
-    P = head.prototype_class.numel()
-    q_idx = (
-        torch.arange(P) if prototype_indices is None else torch.as_tensor(prototype_indices, dtype=torch.long).flatten()
-    )
-    if q_idx.numel() and (int(q_idx.min()) < 0 or int(q_idx.max()) >= P):
-        raise ValueError(f"prototype_indices {q_idx.tolist()} out of range; the model has {P} prototypes")
-    q_dev = q_idx.to(device)
-    Q = q_idx.numel()
-    num_classes = int(getattr(head, "num_classes", int(head.prototype_class.max()) + 1))
-    own_cls = head.prototype_class.to(device).index_select(0, q_dev)
-
-    run_d = torch.full((Q, k), math.inf, device=device)
-    run_i = torch.full((Q, k), _SENTINEL, dtype=torch.long, device=device)
-    run_c = torch.full((Q, k), _SENTINEL, dtype=torch.long, device=device)
-    run_l = torch.full((Q, k), -1, dtype=torch.long, device=device)
-    meta: dict[int, tuple[str, int, int, int]] = {}  # dataset index -> (name, H, W, grid width)
-
-    was_training = net.training
-    net.eval()
-    try:
-        items, total = _iter_shard(dataset, rank, world, num_workers)
-        for pos, item in _progress(items, total, "nearest patches", progress and rank == 0):
-            x, label, index, name = _unpack(item, pos, device)
-            _, dists = _forward(net, x)
-            h, w = dists.shape[-2:]
-            lab = resize_labels(label, (h, w)).reshape(-1)
-            labelled = (lab != ignore_index) & (lab >= 0) & (lab < num_classes)
-            masked = torch.where(labelled.unsqueeze(0), dists.reshape(P, -1).index_select(0, q_dev).float(), math.inf)
-            if one_per_image:
-                cand_c = masked.argmin(dim=1, keepdim=True)
-                cand_d = masked.gather(1, cand_c)
-            else:
-                m = min(k, h * w)
-                sd, sc = torch.sort(masked, dim=1, stable=True)
-                cand_d, cand_c = sd[:, :m], sc[:, :m]
-            valid = torch.isfinite(cand_d)
-            cand_i = torch.where(valid, torch.full_like(cand_c, index), _SENTINEL)
-            cand_l = torch.where(valid, lab[cand_c], -1)
-            if patch_label == "footprint":
-                worst_d, worst_i, worst_c = run_d[:, -1:], run_i[:, -1:], run_c[:, -1:]
-                enters = valid & _key_less(cand_d, cand_i, cand_c, worst_d, worst_i, worst_c)
-                for q, j in enters.nonzero().tolist():
-                    c = int(cand_c[q, j])
-                    cand_l[q, j] = _footprint_label(label, (c // w, c % w), (h, w), int(own_cls[q]), ignore_index)
-            cand_c = torch.where(valid, cand_c, _SENTINEL)
-            all_d, all_i = torch.cat([run_d, cand_d], 1), torch.cat([run_i, cand_i], 1)
-            all_c, all_l = torch.cat([run_c, cand_c], 1), torch.cat([run_l, cand_l], 1)
-            perm = _lex_order(all_d, all_i, all_c)[:, :k]
-            run_d, run_i, run_c, run_l = (t.gather(1, perm) for t in (all_d, all_i, all_c, all_l))
-            meta[index] = (name, int(x.shape[-2]), int(x.shape[-1]), int(w))
-            if len(meta) > 4 * Q * k:
-                live = set(run_i.flatten().tolist())
-                meta = {kk: v for kk, v in meta.items() if kk in live}
-    finally:
-        net.train(was_training)
-
-    live = set(run_i.flatten().tolist())
-    meta = {kk: v for kk, v in meta.items() if kk in live}
-    if world > 1:
-        comm = _comm_device(device)
-        gathered = [_all_gather(t, comm) for t in (run_d, run_i, run_c, run_l)]
-        all_d, all_i, all_c, all_l = (torch.cat(g, dim=1) for g in gathered)
-        perm = _lex_order(all_d, all_i, all_c)[:, :k]
-        run_d, run_i, run_c, run_l = (t.gather(1, perm) for t in (all_d, all_i, all_c, all_l))
-        meta = {kk: v for m in _all_gather_object(meta) for kk, v in m.items()}
-
-    run_d, run_i, run_c, run_l = run_d.cpu(), run_i.cpu(), run_c.cpu(), run_l.cpu()
-    rates = prototype_rates(head)
-    os_ = int(getattr(net, "output_stride", 8))
-    cells = torch.full((Q, k, 2), -1, dtype=torch.long)
-    boxes = torch.full((Q, k, 4), -1, dtype=torch.long)
-    sizes = torch.full((Q, k, 2), -1, dtype=torch.long)
-    names: list[list[str | None]] = [[None] * k for _ in range(Q)]
-    empty = ~torch.isfinite(run_d)
-    for q in range(Q):
-        for j in range(k):
-            if bool(empty[q, j]):
-                continue
-            name, H, W, w = meta[int(run_i[q, j])]
-            c = int(run_c[q, j])
-            rc = (c // w, c % w)
-            cells[q, j] = torch.tensor(rc)
-            sizes[q, j] = torch.tensor((H, W))
-            boxes[q, j] = torch.tensor(
-                receptive_field_box(rc, rate=rates[int(q_idx[q])], output_stride=os_, image_size=(H, W))
-            )
-            names[q][j] = name
-    return NearestPatches(
-        prototype_indices=q_idx.clone(),
-        distances=run_d,
-        labels=torch.where(empty, -1, run_l),
-        dataset_indices=torch.where(empty, -1, run_i),
-        cells=cells,
-        boxes=boxes,
-        image_sizes=sizes,
-        names=names,
-    )
-
-
-def find_nearest_patches(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    k: int = 6,
-    device: torch.device | str = "cpu",
-    ignore_index: int = 255,
-    num_workers: int = 0,
-    progress: bool = True,
-    patch_label: Literal["cell", "footprint"] = "cell",
-    distributed: bool | None = None,
-) -> NearestPatches:
-    """ProtoPNet's k-nearest-patches search for every prototype, one patch (the closest cell) per image."""
-    return nearest_patches(
-        model,
-        dataset,
-        None,
-        k,
-        True,
-        device=device,
-        ignore_index=ignore_index,
-        num_workers=num_workers,
-        progress=progress,
-        patch_label=patch_label,
-        distributed=distributed,
-    )
-
-
-@torch.no_grad()
-def prune_prototypes(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    k: int = 6,
-    threshold: int = 3,
-    device: torch.device | str = "cpu",
-    ignore_index: int = 255,
-    num_workers: int = 0,
-    progress: bool = True,
-    patch_label: Literal["cell", "footprint"] = "cell",
-    nearest: NearestPatches | None = None,
-    distributed: bool | None = None,
-) -> PruneReport:
-    """ProtoPNet pruning for the ProtoSeg baseline (``prune.py``; k = 6, threshold = 3): prune a prototype when
-    fewer than ``threshold`` of its ``k`` nearest training patches (one per image) belong to its class.
-
-    Safeguard (not in ProtoPNet): a class never loses all its prototypes; if every prototype of a class fails,
-    the best one (most own-class patches, then smallest summed patch distance, then lowest index) is kept and a
-    warning names it. Calls ``head.remove_prototypes(keep)``; pass ``nearest`` to reuse an earlier search.
-    """
-    head = _head(_unwrap(model))
-    P = head.prototype_class.numel()
-    if nearest is None:
-        nearest = find_nearest_patches(
-            model,
-            dataset,
-            k=k,
-            device=device,
-            ignore_index=ignore_index,
-            num_workers=num_workers,
-            progress=progress,
-            patch_label=patch_label,
-            distributed=distributed,
-        )
-    if nearest.prototype_indices.tolist() != list(range(P)):
-        raise ValueError("nearest patches must cover every prototype in order; expected find_nearest_patches output")
-    cls = head.prototype_class.cpu()
-    own = (nearest.labels == cls.unsqueeze(1)).sum(dim=1)
-    fail = own < threshold
-    dsum = torch.where(torch.isfinite(nearest.distances), nearest.distances, torch.finfo(torch.float32).max).sum(1)
-    rescued: list[int] = []
-    for c in sorted(set(cls.tolist())):
-        members = (cls == c).nonzero().flatten().tolist()
-        if members and all(bool(fail[p]) for p in members):
-            best = min(members, key=lambda p: (-int(own[p]), float(dsum[p]), p))
-            fail[best] = False
-            rescued.append(best)
-    if rescued:
-        warnings.warn(
-            f"pruning would remove every prototype of some classes; kept prototypes {rescued} "
-            f"(classes {[int(cls[p]) for p in rescued]}) as their class's best",
-            stacklevel=2,
-        )
-    kept = (~fail).nonzero().flatten().tolist()
-    pruned = fail.nonzero().flatten().tolist()
-    if pruned:
-        head.remove_prototypes(torch.tensor(kept, dtype=torch.long))
-    return PruneReport(
-        kept=kept,
-        pruned=pruned,
-        rescued=sorted(rescued),
-        own_class_counts=own.tolist(),
-        k=nearest.k,
-        threshold=threshold,
-        nearest=nearest,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prototype crops
-# ---------------------------------------------------------------------------------------------------------------
 def save_prototype_patches(
     result: ProjectionResult,
     raw: Any,

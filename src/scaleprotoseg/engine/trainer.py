@@ -422,10 +422,10 @@ class Trainer:
         }
 
     def _pruning_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
-        from scaleprotoseg import projection
+        from scaleprotoseg import projection, pruning
 
         before = self.model.head.num_prototypes
-        report = projection.prune_prototypes(
+        report = pruning.prune_prototypes(
             self.model,
             self._projection_dataset(),
             k=stage.prune_k,

@@ -4,7 +4,7 @@
 Training data are usually gone when a model is explained, so the nearest training patches are computed once at the
 end of training (:func:`export_nearest_patches`, called by ``Trainer.export_final``) into ``final/nearest/``:
 for each prototype its k nearest labelled training cells (one per image, ProtoPNet's rule, through
-:func:`scaleprotoseg.projection.nearest_patches`), the crop of each cell's receptive field and the prototype's
+:func:`scaleprotoseg.pruning.nearest_patches`), the crop of each cell's receptive field and the prototype's
 activation on that whole training image with the patch boxed. The explanations then only read those files.
 """
 
@@ -57,7 +57,8 @@ def export_nearest_patches(
     the raw image) and ``proto_PPPP_topJ_activation.png`` (the prototype's activation on the whole image, nearest
     upsampled, patch boxed in red, long side at most ``max_side``). Runs on one process (``distributed=False``).
     """
-    from scaleprotoseg.projection import nearest_patches, scale_box
+    from scaleprotoseg.projection import scale_box
+    from scaleprotoseg.pruning import nearest_patches
 
     head = prototype_head(model)
     if head is None:
