@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from scaleprotoseg.config import load_config
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
@@ -52,3 +54,55 @@ def write_synthetic_folder(root: Path, n_train: int = 6, n_val: int = 2, size: i
 @pytest.fixture
 def synthetic_folder(tmp_path: Path) -> Path:
     return write_synthetic_folder(tmp_path / "synthetic")
+
+
+def make_tiny_config(root, method, **extra):
+    """A resnet18 model with 2-step stages on the synthetic folder: every stage of a method in ~20 s on CPU."""
+    sets = [
+        f"data.root={root}",
+        "data.crop_size=[32, 32]",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        f"model.method={method}",
+        "model.backbone=resnet18",
+        "model.output_stride=8",
+        "model.aspp_rates=[1, 2]",
+        "model.aspp_channels=8",
+        f"model.prototypes_per_class={2 if method == 'scaleprotoseg' else 3}",
+        "model.groups_per_class=2",
+        "train.checkpoint_every=0",
+        "train.log_every=1",
+        "train.seed=3",
+    ]
+    stages = {
+        "scaleprotoseg": ["warmup", "joint", "group_warmup", "group_joint"],
+        "protoseg": ["warmup", "joint", "finetune"],
+        "deeplabv2": ["train"],
+    }[method]
+    for s in stages:
+        sets += [f"train.stages.{s}.steps=2", f"train.stages.{s}.accumulation=1"]
+    sets += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, sets)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory):
+    """``{"root", "scaleprotoseg", "protoseg"}``: the synthetic folder dataset and two tiny trained runs, shared by
+    the prediction, explanation and analysis tests."""
+    from scaleprotoseg.engine.trainer import Trainer
+
+    base = tmp_path_factory.mktemp("trained_runs")
+    root = write_synthetic_folder(base / "synthetic")
+    out = {"root": root}
+    torch.set_num_threads(2)
+    for method in ("scaleprotoseg", "protoseg"):
+        torch.manual_seed(0)
+        run = base / f"run_{method}"
+        Trainer(make_tiny_config(root, method), run, device="cpu", progress=False).run_stages()
+        out[method] = run
+    return out

@@ -1,23 +1,9 @@
 """One tiny trained ScaleProtoSeg run and one ProtoSeg run per test session, plus synthetic part annotations."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-TESTS = Path(__file__).resolve().parents[1]
-
-
-def _load(path: Path, name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_synthetic_parts(data_root: Path, parts_root: Path) -> Path:
@@ -43,21 +29,7 @@ def write_synthetic_parts(data_root: Path, parts_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory):
-    """``{"root", "parts", "scaleprotoseg", "protoseg"}``: the synthetic folder, its part maps and two trained runs."""
-    import torch
-
-    from scaleprotoseg.engine.trainer import Trainer
-
-    write_synthetic_folder = _load(TESTS / "conftest.py", "_sps_tests_conftest").write_synthetic_folder
-    tiny_config = _load(TESTS / "engine" / "test_trainer.py", "_sps_tests_trainer").tiny_config
-    base = tmp_path_factory.mktemp("analysis_cli")
-    root = write_synthetic_folder(base / "synthetic")
-    out = {"root": root, "parts": write_synthetic_parts(root, base / "parts")}
-    torch.set_num_threads(2)
-    for method in ("scaleprotoseg", "protoseg"):
-        torch.manual_seed(0)
-        run = base / f"run_{method}"
-        Trainer(tiny_config(root, method), run, device="cpu", progress=False).run_stages()
-        out[method] = run
-    return out
+def tiny_runs(trained_runs, tmp_path_factory):
+    """``{"root", "parts", "scaleprotoseg", "protoseg"}``: the shared tiny runs plus synthetic part maps."""
+    parts = write_synthetic_parts(trained_runs["root"], tmp_path_factory.mktemp("analysis_cli") / "parts")
+    return {**trained_runs, "parts": parts}

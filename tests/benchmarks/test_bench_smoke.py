@@ -103,7 +103,8 @@ def test_run_all_collects_tables(
     mod = _load("run_all")
     calls = []
 
-    def fake_run(cmd: list[str], cwd: Path) -> SimpleNamespace:
+    def fake_run(cmd: list[str], cwd: Path, env: dict[str, str]) -> SimpleNamespace:
+        assert env["OMP_WAIT_POLICY"]
         calls.append(cmd)
         script = Path(cmd[1]).stem
         _load(script).main(cmd[2:])

@@ -6,36 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scaleprotoseg.config import load_config
 from scaleprotoseg.engine.trainer import StopRequested, Trainer, TrainingDiverged
-
-
-def tiny_config(root, method, **extra):
-    sets = [
-        f"data.root={root}",
-        "data.crop_size=[32, 32]",
-        "data.batch_size=2",
-        "data.num_workers=0",
-        f"model.method={method}",
-        "model.backbone=resnet18",
-        "model.output_stride=8",
-        "model.aspp_rates=[1, 2]",
-        "model.aspp_channels=8",
-        f"model.prototypes_per_class={2 if method == 'scaleprotoseg' else 3}",
-        "model.groups_per_class=2",
-        "train.checkpoint_every=0",
-        "train.log_every=1",
-        "train.seed=3",
-    ]
-    stages = {
-        "scaleprotoseg": ["warmup", "joint", "group_warmup", "group_joint"],
-        "protoseg": ["warmup", "joint", "finetune"],
-        "deeplabv2": ["train"],
-    }[method]
-    for s in stages:
-        sets += [f"train.stages.{s}.steps=2", f"train.stages.{s}.accumulation=1"]
-    sets += [f"{k}={v}" for k, v in extra.items()]
-    return load_config(None, sets)
 
 
 def weights(run, stage):
@@ -48,7 +19,7 @@ def changed(a, b, prefix):
     return any(not torch.equal(a[k], b[k]) for k in keys)
 
 
-def test_scaleprotoseg_all_stages(synthetic_folder, tmp_path):
+def test_scaleprotoseg_all_stages(synthetic_folder, tmp_path, tiny_config):
     run = tmp_path / "run"
     cfg = tiny_config(synthetic_folder, "scaleprotoseg")
     results = Trainer(cfg, run, device="cpu", progress=False).run_stages()
@@ -89,7 +60,7 @@ def test_scaleprotoseg_all_stages(synthetic_folder, tmp_path):
     assert json.loads((run / "state.json").read_text())["completed"][-1] == "threshold"
 
 
-def test_protoseg_all_stages(synthetic_folder, tmp_path):
+def test_protoseg_all_stages(synthetic_folder, tmp_path, tiny_config):
     run = tmp_path / "run"
     results = Trainer(tiny_config(synthetic_folder, "protoseg"), run, device="cpu", progress=False).run_stages()
     assert [r.name for r in results] == ["warmup", "joint", "projection", "pruning", "finetune"]
@@ -101,7 +72,7 @@ def test_protoseg_all_stages(synthetic_folder, tmp_path):
     assert "head.grouping.weight" not in ft
 
 
-def test_deeplabv2_single_stage(synthetic_folder, tmp_path):
+def test_deeplabv2_single_stage(synthetic_folder, tmp_path, tiny_config):
     run = tmp_path / "run"
     results = Trainer(tiny_config(synthetic_folder, "deeplabv2"), run, device="cpu", progress=False).run_stages()
     assert [r.name for r in results] == ["train"]
@@ -109,7 +80,7 @@ def test_deeplabv2_single_stage(synthetic_folder, tmp_path):
     assert (run / "final" / "model.safetensors").is_file()
 
 
-def test_resume_mid_stage_gives_identical_weights(synthetic_folder, tmp_path):
+def test_resume_mid_stage_gives_identical_weights(synthetic_folder, tmp_path, tiny_config):
     extra = {"train.stages.joint.steps": 4, "train.stages.group_joint.steps": 3}
     full = tmp_path / "full"
     Trainer(tiny_config(synthetic_folder, "scaleprotoseg", **extra), full, device="cpu", progress=False).run_stages()
@@ -130,7 +101,7 @@ def test_resume_mid_stage_gives_identical_weights(synthetic_folder, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_nan_loss_stops_with_stage_and_step_and_keeps_checkpoint(synthetic_folder, tmp_path, monkeypatch):
+def test_nan_loss_stops_with_stage_and_step_and_keeps_checkpoint(synthetic_folder, tmp_path, tiny_config, monkeypatch):
     import scaleprotoseg.engine.trainer as trainer_mod
 
     run = tmp_path / "run"
@@ -154,7 +125,7 @@ def test_nan_loss_stops_with_stage_and_step_and_keeps_checkpoint(synthetic_folde
     assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
 
 
-def test_missing_file_fails_at_start_naming_it(synthetic_folder, tmp_path):
+def test_missing_file_fails_at_start_naming_it(synthetic_folder, tmp_path, tiny_config):
     (synthetic_folder / "images" / "img03.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"img03"):
         Trainer(tiny_config(synthetic_folder, "deeplabv2"), tmp_path / "run", device="cpu", progress=False)

@@ -1,23 +1,7 @@
 """One tiny trained ScaleProtoSeg run and one ProtoSeg run per test session, their explanations and a report."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-TESTS = Path(__file__).resolve().parents[1]
-
-
-def _load(path: Path, name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def swapped_label(pred: np.ndarray, num_classes: int) -> tuple[np.ndarray, set[int]]:
@@ -39,24 +23,9 @@ def swap_label():
 
 
 @pytest.fixture(scope="session")
-def explain_runs(tmp_path_factory):
+def explain_runs(trained_runs):
     """``{"root", "scaleprotoseg", "protoseg"}``: the synthetic folder dataset and two trained runs."""
-    import torch
-
-    from scaleprotoseg.engine.trainer import Trainer
-
-    write_synthetic_folder = _load(TESTS / "conftest.py", "_sps_tests_conftest").write_synthetic_folder
-    tiny_config = _load(TESTS / "engine" / "test_trainer.py", "_sps_tests_trainer").tiny_config
-    base = tmp_path_factory.mktemp("explain_runs")
-    root = write_synthetic_folder(base / "synthetic")
-    out = {"root": root}
-    torch.set_num_threads(2)
-    for method in ("scaleprotoseg", "protoseg"):
-        torch.manual_seed(0)
-        run = base / f"run_{method}"
-        Trainer(tiny_config(root, method), run, device="cpu", progress=False).run_stages()
-        out[method] = run
-    return out
+    return trained_runs
 
 
 @pytest.fixture(scope="session")
