@@ -111,7 +111,7 @@ class Predictor:
             image = np.repeat(image[..., None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ValueError(f"image has shape {image.shape}; expected (H, W, 3) RGB")
-        x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float()
+        x = torch.from_numpy(np.array(image[..., :3], dtype=np.float32)).permute(2, 0, 1)
         return normalize(x, self.info.normalization).unsqueeze(0).to(self.device)
 
     @torch.no_grad()

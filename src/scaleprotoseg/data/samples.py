@@ -390,7 +390,7 @@ def build_nuclei(out_dir: Path, cache_dir: Path | None = None) -> SampleSet:
     img2d = read_tif_bytes(read_member(stardist_path, STARDIST_IMAGE), STARDIST_IMAGE)
     mask2d = read_tif_bytes(read_member(stardist_path, STARDIST_MASK), STARDIST_MASK)
     stack = nuclei_stack_samples(vol, lab)
-    train_idx, val_idx = contiguous_block_split(len(stack), block=8, val_every=3, gap=1)
+    train_idx, val_idx = contiguous_block_split(len(stack), block=4, val_every=3, gap=1)
     writer = _Writer(
         out_dir,
         "nuclei",
@@ -413,7 +413,8 @@ the 2-D image) between its 1st and 99.8th percentiles to 0..255, gray replicated
 
 - `{NUCLEI_STACK}` / `{NUCLEI_STACK_LABELS}`: a (60, 256, 256) z-stack with instance labels. Slices without any
   nucleus pixel are left out; kept z = {kept[0]}..{kept[-1]} ({len(kept)} slices), named `napari_zNN`.
-  Split by contiguous blocks of 8 kept slices, every 3rd block validation, and the training slice next to a
+  Split by contiguous blocks of 4 kept slices, every 3rd block validation (so that both sides see in- and
+  out-of-focus slices), and the training slice next to a
   validation block dropped: train z = {[stack[i][0] for i in train_idx]}, val z = {[stack[i][0] for i in val_idx]}.
 - `{STARDIST_IMAGE}` / `{STARDIST_MASK}`: a 512 x 512 image with instance masks, cut into a top half (rows
   0..{top[1].shape[0] - 1}, `stardist_top`, train) and a bottom half (rows {512 - bottom[1].shape[0]}..511,
