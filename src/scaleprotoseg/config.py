@@ -132,27 +132,35 @@ class Config:
 # Default schedules (REFERENCE-NOTES schedule table, Cityscapes values)
 
 
+def _prototype_stages() -> dict[str, StageConfig]:
+    """Stage 1 shared by ProtoSeg and ScaleProtoSeg: warm-up (ASPP + prototypes), joint (+ backbone), projection."""
+    S = StageConfig
+    return {
+        "warmup": S(
+            steps=3000,
+            trainable=["aspp", "prototypes"],
+            lr={"aspp": 2.5e-4, "prototypes": 2.5e-4},
+            accumulation=5,
+            losses=["ce", "diversity", "l1_proto"],
+        ),
+        "joint": S(
+            steps=30000,
+            trainable=["backbone", "aspp", "prototypes"],
+            lr={"backbone": 2.5e-5, "aspp": 2.5e-4, "prototypes": 2.5e-4},
+            schedule="poly",
+            accumulation=5,
+            losses=["ce", "diversity", "l1_proto"],
+        ),
+        "projection": S(kind="projection"),
+    }
+
+
 def default_stages(method: str) -> dict[str, StageConfig]:
     """The paper's stage list for ``method`` with the Cityscapes step counts and learning rates."""
     S = StageConfig
     if method == "scaleprotoseg":
         return {
-            "warmup": S(
-                steps=3000,
-                trainable=["aspp", "prototypes"],
-                lr={"aspp": 2.5e-4, "prototypes": 2.5e-4},
-                accumulation=5,
-                losses=["ce", "diversity", "l1_proto"],
-            ),
-            "joint": S(
-                steps=30000,
-                trainable=["backbone", "aspp", "prototypes"],
-                lr={"backbone": 2.5e-5, "aspp": 2.5e-4, "prototypes": 2.5e-4},
-                schedule="poly",
-                accumulation=5,
-                losses=["ce", "diversity", "l1_proto"],
-            ),
-            "projection": S(kind="projection"),
+            **_prototype_stages(),
             "group_warmup": S(
                 steps=2000,
                 trainable=["groups"],
@@ -172,22 +180,7 @@ def default_stages(method: str) -> dict[str, StageConfig]:
         }
     if method == "protoseg":
         return {
-            "warmup": S(
-                steps=3000,
-                trainable=["aspp", "prototypes"],
-                lr={"aspp": 2.5e-4, "prototypes": 2.5e-4},
-                accumulation=5,
-                losses=["ce", "diversity", "l1_proto"],
-            ),
-            "joint": S(
-                steps=30000,
-                trainable=["backbone", "aspp", "prototypes"],
-                lr={"backbone": 2.5e-5, "aspp": 2.5e-4, "prototypes": 2.5e-4},
-                schedule="poly",
-                accumulation=5,
-                losses=["ce", "diversity", "l1_proto"],
-            ),
-            "projection": S(kind="projection"),
+            **_prototype_stages(),
             "pruning": S(kind="pruning", prune_k=6, prune_threshold=3),
             "finetune": S(
                 steps=2000,
