@@ -1,0 +1,256 @@
+"""Quality at equal budget: DeepLabv2, ProtoSeg and ScaleProtoSeg trained on the real sample sets, several seeds.
+
+For each set and method, ``configs/samples/<set>_<method>.yaml`` is trained with the library's trainer
+(``Trainer(cfg, run_dir).run_stages()``) once per seed (``--set train.seed=S``), each run in its own folder
+``bench-results/quality/<set>/<method>/seed<S>/``. All three methods share the CPU budget of ``configs/samples``
+(EfficientNet-Lite0 with the packaged ImageNet weights, 128-pixel crops, batch 4; 200 steps with the backbone
+trainable for each method, then the interpretable methods' own extra stages). Reported per (set, method): validation
+mIoU mean and sample std over the seeds (the final stage's whole-image validation), prototypes after projection (after
+duplicate removal) and after grouping + thresholding (ScaleProtoSeg: ``prototypes_used``) or after pruning (ProtoSeg),
+both from the ``stage_end`` records of ``metrics.jsonl``, and the sparsity score of Tables 3-4 (active prototypes per
+class with |last-layer weight| >= 0.005, from the final checkpoint via ``predict.load_run_model`` and
+``analysis.sparsity.active_prototypes_per_class``).
+
+Budget (2-core CPU, measured with other jobs running): one seed of nuclei (30 training images of 256-512 pixels, 12
+validation images) took 5.2 min for DeepLabv2 (200 steps), 5.8 min for ProtoSeg (310 steps + projection + pruning)
+and 5.5 min for ScaleProtoSeg (310 steps + projection), i.e. about 1.1-1.6 s per step including projection and
+the validations, 16.5 min per seed. The default ``--sets nuclei --seeds 0,1,2`` therefore takes about 50 minutes on
+that loaded machine (about 30-35 on an idle one), under the 60-minute limit; ``brain`` (44 + 12 slices) would add
+about as much again, so it is not a default. ``OMP_WAIT_POLICY=PASSIVE`` is set unless the environment sets it (see
+``common.py``); on a busy machine ``--threads 1`` is as fast. ``--quick`` runs 2 steps per training stage on 4 images
+(a smoke test: the numbers mean nothing). If ``data/samples/<set>`` is missing, it is built first with
+``python -m scaleprotoseg data samples``; each invocation trains on a copy of the set made under
+``<out>/quality/data/`` so that rebuilding the sample sets meanwhile cannot break the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Before torch loads OpenMP: with the default (active) wait policy, 2 OpenMP threads on a 2-core machine that runs
+# anything else at the same time can be several times slower than 1 thread; passive waiting avoids that.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from common import REPO, finish_args, markdown_table, parse_list, report, verdict  # noqa: E402
+
+METHODS = ("deeplabv2", "protoseg", "scaleprotoseg")
+SPARSITY_THRESHOLD = 0.005
+
+
+def ensure_samples(samples: Path, name: str, snapshot: Path | None = None) -> Path:
+    """``<samples>/<name>``, built with ``scaleprotoseg data samples`` when missing; with ``snapshot``, a copy made
+    there first (so that rebuilding the sample sets during the long run cannot pull files from under it)."""
+    root = samples / name
+    if not (root / "splits").is_dir():
+        print(f"building the sample set {name!r} into {samples} ...", flush=True)
+        cmd = [sys.executable, "-m", "scaleprotoseg", "data", "samples", "--out", str(samples), "--only", name]
+        subprocess.run(cmd, check=True, cwd=REPO)
+    if not (root / "splits").is_dir():
+        raise FileNotFoundError(f"sample set {root} is missing after `scaleprotoseg data samples`")
+    if snapshot is None:
+        return root
+    copy = snapshot / name
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(root, copy)
+    return copy
+
+
+def overrides_for(config: Path, data_root: Path, seed: int, quick: bool) -> list[str]:
+    from scaleprotoseg.config import load_config
+
+    sets = [f"data.root={data_root}", f"train.seed={seed}", "train.device=cpu", "train.tensorboard=false"]
+    if quick:
+        cfg = load_config(config)
+        sets += [f"train.stages.{n}.steps=2" for n, s in cfg.train.stages.items() if s.kind == "train"]
+        sets += ["data.max_train_samples=4", "data.max_val_samples=4"]
+    return sets
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def sparsity(run_dir: Path) -> float | None:
+    """Active prototypes per class (|last-layer weight| >= 0.005) of the final model; None for DeepLabv2."""
+    from scaleprotoseg.analysis.sparsity import active_prototypes_per_class
+    from scaleprotoseg.predict import load_run_model
+
+    model, _, _ = load_run_model(run_dir, device="cpu")
+    head = model.head
+    if not hasattr(head, "prototype_class"):
+        return None
+    if getattr(head, "grouping", None) is not None:
+        dense = head.grouping.dense_weight(head.num_prototypes)
+        return active_prototypes_per_class(head.h_group.detach(), SPARSITY_THRESHOLD, group_prototype_weights=dense)
+    return active_prototypes_per_class(head.h_proto.detach(), SPARSITY_THRESHOLD)
+
+
+def train_one(args: argparse.Namespace, set_name: str, method: str, seed: int, data_root: Path) -> dict[str, Any]:
+    from scaleprotoseg.config import load_config
+    from scaleprotoseg.engine.trainer import Trainer
+
+    config = REPO / "configs" / "samples" / f"{set_name}_{method}.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"config {config} does not exist; expected configs/samples/<set>_<method>.yaml")
+    run_dir = args.out / "quality" / set_name / method / f"seed{seed}"
+    sets = overrides_for(config, data_root, seed, args.quick)
+    if run_dir.exists() and not args.resume:
+        shutil.rmtree(run_dir)
+    cfg = load_config(config, sets)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, run_dir, device=str(args.device), progress=False)
+    trainer.run_stages(argv=["quality.py", "-c", str(config), *(f"--set {s}" for s in sets)])
+    seconds = time.perf_counter() - t0
+    records = read_metrics(run_dir)
+    ends = {r["stage"]: r for r in records if r.get("event") == "stage_end"}
+    last = ends[trainer.stage_names()[-1]]
+    steps = sum(s.steps for s in cfg.train.stages.values() if s.enabled and s.kind == "train")
+    proj = next((r for r in ends.values() if r.get("kind") == "projection"), None)
+    after = None
+    if "threshold" in ends:
+        after = ends["threshold"].get("prototypes_used")
+    elif "pruning" in ends:
+        after = ends["pruning"].get("prototypes_after")
+    row = {
+        "set": set_name,
+        "method": method,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "val_miou": last.get("val_miou"),
+        "val_miou_per_stage": {name: r.get("val_miou") for name, r in ends.items()},
+        "prototypes_initial": proj.get("prototypes_before") if proj else None,
+        "prototypes_after_projection": proj.get("prototypes_after") if proj else None,
+        "prototypes_after_grouping_or_pruning": after,
+        "sparsity": sparsity(run_dir),
+        "train_steps": steps,
+        "seconds": seconds,
+        "seconds_per_step": seconds / max(steps, 1),
+    }
+    print(
+        f"  {set_name:<8} {method:<13} seed {seed}: mIoU {row['val_miou']:.4f}  {seconds:.0f} s "
+        f"({row['seconds_per_step']:.2f} s/step incl. projection and validation)",
+        flush=True,
+    )
+    return row
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    keys = sorted({(r["set"], r["method"]) for r in runs}, key=lambda k: (k[0], METHODS.index(k[1])))
+    for set_name, method in keys:
+        rs = [r for r in runs if r["set"] == set_name and r["method"] == method]
+        row: dict[str, Any] = {"set": set_name, "method": method, "seeds": [r["seed"] for r in rs]}
+        for key in ("val_miou", "prototypes_after_projection", "prototypes_after_grouping_or_pruning", "sparsity"):
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[key] for r in rs])
+        row["seconds_total"] = sum(r["seconds"] for r in rs)
+        out.append(row)
+    return out
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 2, scale: float = 1.0) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean * scale:.{digits}f} ± {(std or 0.0) * scale:.{digits}f}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sets", type=parse_list, default=["nuclei"], help="sample sets (default nuclei; also brain, ...)")
+    p.add_argument("--seeds", type=lambda s: parse_list(s, int), default=[0, 1, 2])
+    p.add_argument("--methods", type=parse_list, default=list(METHODS))
+    p.add_argument("--quick", action="store_true", help="2 steps per training stage on 4 images (smoke test)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--samples", type=Path, default=REPO / "data" / "samples", help="where the sample sets live")
+    p.add_argument("--out", type=Path, default=REPO / "bench-results")
+    p.add_argument("--resume", action="store_true", help="keep existing run folders (finished stages are skipped)")
+    p.set_defaults(repeats=1, warmup=0, seed=0, _default_repeats=1, _default_warmup=0)
+    args = finish_args(p.parse_args(argv))
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; expected any of {', '.join(METHODS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    args.out = Path(args.out).resolve()
+    t0 = time.perf_counter()
+    runs = []
+    for set_name in args.sets:
+        data_root = ensure_samples(Path(args.samples).resolve(), set_name, args.out / "quality" / "data")
+        for method in args.methods:
+            for seed in args.seeds:
+                runs.append(train_one(args, set_name, method, seed, data_root))
+    summary = summarise(runs)
+    table = markdown_table(
+        [
+            "set",
+            "method",
+            "seeds",
+            "val mIoU (%)",
+            "prototypes after projection",
+            "after grouping / pruning",
+            "sparsity (active / class)",
+            "train time s",
+        ],
+        [
+            [
+                s["set"],
+                s["method"],
+                len(s["seeds"]),
+                _pm(s["val_miou_mean"], s["val_miou_std"], 2, 100.0),
+                _pm(s["prototypes_after_projection_mean"], s["prototypes_after_projection_std"], 1),
+                _pm(s["prototypes_after_grouping_or_pruning_mean"], s["prototypes_after_grouping_or_pruning_std"], 1),
+                _pm(s["sparsity_mean"], s["sparsity_std"], 2),
+                round(s["seconds_total"]),
+            ]
+            for s in summary
+        ],
+    )
+    minutes = (time.perf_counter() - t0) / 60.0
+    targets = [{"target": "finishes in under 60 minutes", "value": minutes, "met": bool(minutes < 60.0)}]
+    target_table = markdown_table(
+        ["target", "value (min)", "verdict"], [[t["target"], t["value"], verdict(t["met"])] for t in targets]
+    )
+    payload = {
+        "settings": {
+            "sets": args.sets,
+            "seeds": args.seeds,
+            "methods": args.methods,
+            "configs": "configs/samples/<set>_<method>.yaml",
+            "torch_threads": torch.get_num_threads(),
+        },
+        "runs": runs,
+        "summary": summary,
+        "total_seconds": minutes * 60.0,
+        "targets": targets,
+    }
+    title = "Quality at equal budget on the sample sets" + (" (quick: numbers mean nothing)" if args.quick else "")
+    return report("quality", title, [table, target_table], payload, args, argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
