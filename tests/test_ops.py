@@ -76,6 +76,14 @@ def test_multiscale_distances_compare_each_prototype_with_its_scale_only():
         assert torch.allclose(d[:, i], ref, atol=1e-10)
     with pytest.raises(ValueError, match="channels"):
         ops.multiscale_squared_distances(z, torch.rand(7, 5), scale, S)
+    # the scale-major fast path (one product per scale, a scale may be empty) equals the general one
+    order = torch.argsort(scale, stable=True)
+    sorted_scale = scale[order]
+    fast = ops.multiscale_squared_distances(z, p[order], sorted_scale, S)
+    assert torch.allclose(fast, d[:, order], atol=1e-10)
+    no_middle = sorted_scale != 1
+    fast = ops.multiscale_squared_distances(z, p[order][no_middle], sorted_scale[no_middle], S)
+    assert torch.allclose(fast, d[:, order][:, no_middle], atol=1e-10)
 
 
 def test_resize_conventions():

@@ -49,6 +49,17 @@ def multiscale_squared_distances(
         raise ValueError(f"features have {SD} channels; expected num_scales * D = {num_scales} * {D}")
     if num_scales == 1:
         return squared_distances(features, prototypes)
+    if P and bool((prototype_scale[1:] >= prototype_scale[:-1]).all()):
+        # Scale-major prototypes (the layout the heads keep, also after removals): one product per scale block,
+        # a quarter of the arithmetic of the dense block matrix below.
+        counts = torch.bincount(prototype_scale, minlength=num_scales).tolist()
+        blocks = features.view(B, num_scales, D, H, W)
+        parts = [
+            squared_distances(blocks[:, s], chunk)
+            for s, chunk in enumerate(torch.split(prototypes, counts))
+            if chunk.shape[0]
+        ]
+        return torch.cat(parts, dim=1)
     onehot = F.one_hot(prototype_scale, num_scales).to(prototypes.dtype)  # (P, S)
     block = (onehot.unsqueeze(2) * prototypes.unsqueeze(1)).reshape(P, SD)  # (P, S*D)
     z2_per_scale = (features * features).view(B, num_scales, D, H, W).sum(dim=2)  # (B, S, H, W)
