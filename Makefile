@@ -37,6 +37,7 @@ demo: venv
 	$(PY) -m scaleprotoseg data samples --out $(SAMPLES)
 	$(PY) -m scaleprotoseg train -c configs/samples/nuclei_scaleprotoseg.yaml --run-dir $(DEMO_RUN)
 	$(PY) -m scaleprotoseg evaluate $(DEMO_RUN)
+	$(PY) -m scaleprotoseg analyze $(DEMO_RUN) all
 	$(PY) -m scaleprotoseg report $(DEMO_RUN)
 	@echo "Demo run: $(DEMO_RUN)  report: $(DEMO_RUN)/report/index.html"
 
