@@ -53,7 +53,8 @@ def diversity_loss(
     ignore_index: int = 255,
 ) -> torch.Tensor:
     """Diversity loss L_J (Eqs. 3-6), computed independently per scale, vectorised over images, classes, scales and
-    prototype pairs.
+    prototype pairs. Each labelled cell is visited once, with its own class's prototypes; the softmax and the pair
+    sums are segment-wise (per image and class) reductions.
 
     For every image b, class c with at least 2 labelled cells, and scale s: each prototype of (c, s) gets the
     softmax of its squared distances over the cells of class c (Eq. 3, positive sign as in the release); every pair
@@ -69,32 +70,43 @@ def diversity_loss(
     B, P, h, w = distances.shape
     if labels.shape != (B, h, w):
         raise ValueError(f"diversity_loss: labels have shape {tuple(labels.shape)}; expected {(B, h, w)}")
+    if jeffreys not in ("half", "full"):
+        raise ValueError(f"jeffreys {jeffreys!r} is not valid; expected 'half' or 'full'")
     index, valid = _member_table(prototype_class, prototype_scale, num_classes, num_scales)  # (C, S, M)
+    _, S, M = index.shape
+    # Work per labelled cell, not per (image, class) x every cell: each cell only meets its own class's prototypes.
     lab = labels.reshape(B, h * w)
-    onehot_cells = lab.unsqueeze(1) == torch.arange(num_classes, device=lab.device).view(1, -1, 1)  # (B, C, HW)
-    enough = onehot_cells.sum(-1) >= 2
-    b_idx, c_idx = torch.nonzero(enough, as_tuple=True)  # the (image, class) pairs present
+    labelled = (lab >= 0) & (lab < num_classes)  # void / ignore cells never enter
+    segment = torch.arange(B, device=lab.device).view(B, 1) * num_classes + lab.clamp(0, num_classes - 1)
+    nseg = B * num_classes
+    counts = torch.zeros(nseg, device=lab.device, dtype=torch.long).index_add_(
+        0, segment[labelled], torch.ones_like(segment[labelled])
+    )
+    enough = counts >= 2  # (image, class) pairs with at least 2 cells
+    b_idx, x_idx = torch.nonzero(labelled & enough[segment], as_tuple=True)
     if len(b_idx) == 0:
         return distances.sum() * 0.0
-    C_, S, M = index.shape
+    seg = segment[b_idx, x_idx]  # (N,) segment of each cell
+    cls = lab[b_idx, x_idx]
     d = distances.reshape(B, P, h * w)
-    # (K, S*M, HW): distances of each present pair's class prototypes.
-    gathered = d[b_idx.view(-1, 1), index[c_idx].view(len(c_idx), S * M)]
-    gathered = gathered.view(len(b_idx), S, M, h * w)
-    cells = onehot_cells[b_idx, c_idx].view(-1, 1, 1, h * w)  # (K, 1, 1, HW)
-    logp = torch.log_softmax(gathered.masked_fill(~cells, float("-inf")), dim=-1)
-    logp = logp.masked_fill(~cells, 0.0)  # 0 * log 0 := 0 outside the class cells
-    prob = logp.exp() * cells
-    self_term = (prob * logp).sum(-1)  # (K, S, M): sum p_i log p_i
-    cross = torch.einsum("ksix,ksjx->ksij", prob, logp)  # sum p_i log p_j
-    jd = self_term.unsqueeze(-1) + self_term.unsqueeze(-2) - cross - cross.transpose(-1, -2)  # (K, S, M, M)
+    g = d[b_idx.view(-1, 1), index[cls].view(-1, S * M), x_idx.view(-1, 1)].view(-1, S, M)  # (N, S, M)
+    # Eq. 3: softmax over the cells of each (image, class), per prototype; a segment-wise log-sum-exp.
+    seg3 = seg.view(-1, 1, 1).expand_as(g)
+    top = torch.full((nseg, S, M), float("-inf"), device=g.device, dtype=g.dtype)
+    top = top.scatter_reduce(0, seg3, g.detach(), reduce="amax", include_self=True)[seg]
+    total = torch.zeros((nseg, S, M), device=g.device, dtype=g.dtype).index_add(0, seg, torch.exp(g - top))
+    logp = g - top - torch.log(total[seg])
+    prob = logp.exp()
+    # Eq. 4: Jeffrey's divergence of every pair i < j, summed over the cells of the segment.
+    iu = torch.triu_indices(M, M, 1, device=g.device)
+    if iu.shape[1] == 0:
+        return distances.sum() * 0.0
+    term = (prob[..., iu[0]] - prob[..., iu[1]]) * (logp[..., iu[0]] - logp[..., iu[1]])  # (N, S, pairs)
+    jd = torch.zeros((nseg, S, iu.shape[1]), device=g.device, dtype=g.dtype).index_add(0, seg, term)
     if jeffreys == "half":
         jd = 0.5 * jd
-    elif jeffreys != "full":
-        raise ValueError(f"jeffreys {jeffreys!r} is not valid; expected 'half' or 'full'")
-    pair_valid = valid[c_idx].unsqueeze(-1) & valid[c_idx].unsqueeze(-2)  # (K, S, M, M)
-    upper = torch.triu(torch.ones(M, M, dtype=torch.bool, device=d.device), diagonal=1)
-    pair_valid = pair_valid & upper
+    seg_class = torch.arange(nseg, device=g.device) % num_classes
+    pair_valid = valid[seg_class][..., iu[0]] & valid[seg_class][..., iu[1]] & enough.view(-1, 1, 1)
     if not pair_valid.any():
         return distances.sum() * 0.0
     return torch.exp(-jd)[pair_valid].mean()
