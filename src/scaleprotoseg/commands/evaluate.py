@@ -36,12 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.evaluation.plots import plot_confusion_matrix, plot_per_class_iou
     from scaleprotoseg.predict import load_run_model
 
-    kind = "cuda" if args.device.startswith("cuda") else "cpu"
-    if args.device == "auto":
-        import torch
-
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    info_dist = dist_utils.init_distributed(kind)
+    info_dist = dist_utils.init_distributed(args.device)
     device = dist_utils.resolve_device(args.device, info_dist)
     model, cfg, info = load_run_model(args.run, args.stage, device)
     d = cfg.data

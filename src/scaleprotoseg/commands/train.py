@@ -53,12 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if not stage or not step.isdigit():
             raise ValueError(f"--stop-at {args.stop_at!r}: expected STAGE:STEP, e.g. joint:100")
         stop_at = (stage, int(step))
-    device_kind = "cuda" if (args.device or cfg.train.device).startswith("cuda") else "cpu"
-    if (args.device or cfg.train.device) == "auto":
-        import torch
-
-        device_kind = "cuda" if torch.cuda.is_available() else "cpu"
-    dist_utils.init_distributed(device_kind)
+    dist_utils.init_distributed(args.device or cfg.train.device)
     trainer = Trainer(cfg, run_dir, device=args.device, progress=not args.no_progress, stop_at=stop_at)
     only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     try:

@@ -24,13 +24,17 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_kind: str) -> DistInfo:
-    """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1); gloo on CPU, nccl on CUDA."""
+def init_distributed(device: str) -> DistInfo:
+    """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1); gloo on CPU, nccl on CUDA.
+
+    ``device`` is the ``--device`` value (auto, cpu, cuda, cuda:N).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if on_cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

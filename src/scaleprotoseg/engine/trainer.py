@@ -117,6 +117,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model: Segmenter = build_model(cfg.model, num_classes).to(self.device)
         self.tb = None
+        self._proj_dataset = None
 
     # -- setup -------------------------------------------------------------------------------------------------
     def _load_datasets(self) -> None:
@@ -148,10 +149,13 @@ class Trainer:
             )
 
     def _projection_dataset(self):
-        """Training images as the model sees them at test time (whole, no augmentation) for projection/pruning."""
-        from scaleprotoseg.data.registry import build_dataset
+        """Training images as the model sees them at test time (whole, no augmentation) for projection, pruning and
+        the exported patches; built once per trainer."""
+        if self._proj_dataset is None:
+            from scaleprotoseg.data.registry import build_dataset
 
-        return build_dataset(self.cfg.data, self.cfg.data.train_split, train=False)
+            self._proj_dataset = build_dataset(self.cfg.data, self.cfg.data.train_split, train=False)
+        return self._proj_dataset
 
     def _meta(self, stage: str, step: int) -> dict[str, Any]:
         return {
