@@ -1,11 +1,12 @@
 """Full-resolution prediction: whole image, sliding window, short-side resize, multi-scale inputs and flip.
 
 The model contract is ``model(x) -> out`` with ``out.logits`` of shape (B, C, h, w) on the feature grid (h = H/8 for
-DeepLab). Logits are always brought to the label size by bilinear upsampling with align_corners=False, as in the
-release's evaluation (training instead downsamples the labels). Test-time protocols of supplement 6: Pascal VOC
-whole 513x513 images with multi-scale inputs {0.5, 0.75, 1} fused by max; Cityscapes at 1024x2048 (whole, or sliding
-windows); ADE20K with the short side resized to 512.
-"""
+DeepLab); a model with a ``logits(x)`` method (:class:`~scaleprotoseg.models.segmenter.Segmenter`) is called through
+it instead, which returns the same scores without computing the maps that explanations need. Logits are always
+brought to the label size by bilinear upsampling with align_corners=False, as in the release's evaluation (training
+instead downsamples the labels). Test-time protocols of supplement 6: Pascal VOC whole 513x513 images with
+multi-scale inputs {0.5, 0.75, 1} fused by max; Cityscapes at 1024x2048 (whole, or sliding windows); ADE20K with the
+short side resized to 512."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ Mode = Literal["whole", "sliding", "short_side"]
 
 
 def _logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out: Any = model(x)
+    scores = getattr(model, "logits", None)
+    out: Any = scores(x) if callable(scores) else model(x)  # Segmenter.logits skips the intermediate maps
     if isinstance(out, torch.Tensor):
         logits = out
     elif isinstance(out, Mapping):

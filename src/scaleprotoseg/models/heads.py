@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from scaleprotoseg.models import fused
 from scaleprotoseg.models.aspp import ASPP
 from scaleprotoseg.models.grouping import GroupingLayer
 from scaleprotoseg.models.prototypes import PrototypeLayer, prototype_layout
@@ -66,6 +67,10 @@ class DeepLabV2Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         return ModelOutput(logits=self.aspp(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores only (the inference path)."""
+        return self.aspp(x)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"aspp": list(self.aspp.parameters())}
@@ -201,3 +206,29 @@ class PrototypeHead(nn.Module):
         groups = self.grouping(activations)
         logits = torch.einsum("cg,bghw->bchw", self.h_group, groups)
         return ModelOutput(logits, features, distances, activations, groups)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores only, equal to ``forward(x).logits`` (the inference path).
+
+        Without autograd, cells are processed in reused blocks and a grouped head skips the prototypes no group uses
+        (:mod:`scaleprotoseg.models.fused`); with autograd on, this is the plain forward.
+        """
+        if torch.is_grad_enabled():
+            return self.forward(x).logits
+        return self.logits_from_features(torch.sigmoid(self.aspp(x)))
+
+    @torch.no_grad()
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Class scores from the sigmoid ASPP features (B, S*D, h, w), block by block (Eqs. 1-2, no autograd)."""
+        layer = self.prototypes
+        protos, scale = layer.prototypes, layer.prototype_scale
+        if self.grouping is None:
+            combine = fused.linear_combine(self.h_proto)
+        else:
+            g = self.grouping
+            weight = g.weight * g.member_mask.unsqueeze(1)
+            used, index = fused.used_subset(g.member_index, weight, self.num_prototypes)
+            if len(used) < self.num_prototypes:
+                protos, scale = protos.index_select(0, used), scale.index_select(0, used)
+            combine = fused.group_combine(index, weight, self.h_group, g.mode)
+        return fused.blockwise_logits(features, protos, scale, self.num_scales, layer.eps, combine, self.num_classes)

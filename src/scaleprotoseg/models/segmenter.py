@@ -35,6 +35,10 @@ class Segmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         return self.head(self.backbone(x))
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores (B, C, h, w) only, without the intermediate maps: what evaluation and prediction use."""
+        return self.head.logits(self.backbone(x))
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by the names the training stages use: backbone, aspp, prototypes, groups, last_layer."""
         groups = {"backbone": [p for p in self.backbone.parameters()]}

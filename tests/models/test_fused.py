@@ -1,0 +1,144 @@
+import pytest
+import torch
+from torch import nn
+
+from scaleprotoseg.evaluation.inference import predict_logits
+from scaleprotoseg.models import fused
+from scaleprotoseg.models.heads import DeepLabV2Head, PrototypeHead
+from scaleprotoseg.models.segmenter import Segmenter
+from scaleprotoseg.ops import log_activation
+
+
+class TinyBackbone(nn.Module):
+    out_channels = 8
+    output_stride = 4
+    bn_frozen = True
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _sparse_groups(head: PrototypeHead, seed: int = 0) -> None:
+    """Thresholded-like groups: random simplex rows, then small weights cut (some prototypes end up unused)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.grouping.weight.copy_(torch.rand(head.grouping.weight.shape, generator=g) ** 4)
+        head.grouping.project_()
+        head.grouping.threshold_(0.2)
+        head.h_group.add_(0.1 * torch.randn(head.h_group.shape, generator=g))
+
+
+def _heads() -> dict[str, PrototypeHead]:
+    torch.manual_seed(0)
+    heads = {
+        "protoseg": PrototypeHead(8, 3, method="protoseg", rates=(1, 2), dim=4, prototypes_per_class=5),
+        "scaleprotoseg": PrototypeHead(8, 3, method="scaleprotoseg", rates=(1, 2, 3), dim=4, prototypes_per_class=2),
+    }
+    for mode in ("ratio", "geometric"):
+        head = PrototypeHead(
+            8, 3, method="scaleprotoseg", rates=(1, 2, 3), dim=4, prototypes_per_class=2, group_activation=mode
+        )
+        head.enable_groups()
+        _sparse_groups(head)
+        heads[f"grouped-{mode}"] = head
+    pruned = PrototypeHead(8, 3, method="scaleprotoseg", rates=(1, 2, 3), dim=4, prototypes_per_class=2)
+    pruned.remove_prototypes(torch.tensor([0, 2, 3, 7, 8, 12, 17]))  # uneven per class and scale
+    pruned.enable_groups()
+    _sparse_groups(pruned, seed=1)
+    heads["grouped-after-removal"] = pruned
+    return heads
+
+
+@pytest.mark.parametrize(
+    "name", ["protoseg", "scaleprotoseg", "grouped-ratio", "grouped-geometric", "grouped-after-removal"]
+)
+@pytest.mark.parametrize("block", [None, 7])
+def test_blockwise_logits_equal_the_plain_forward(name, block, monkeypatch):
+    head = _heads()[name].eval()
+    if block is not None:  # blocks of 7 cells: several blocks and a remainder on a 5x6 grid
+        real = fused.blockwise_logits
+        monkeypatch.setattr(fused, "blockwise_logits", lambda *a, **k: real(*a, **{**k, "block": block}))
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        expected = head(x).logits
+        got = head.logits(x)
+    assert got.shape == expected.shape == (2, 3, 5, 6)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_grouped_head_skips_exactly_the_unused_prototypes():
+    head = _heads()["grouped-ratio"].eval()
+    g = head.grouping
+    weight = g.weight * g.member_mask.unsqueeze(1)
+    used, _ = fused.used_subset(g.member_index, weight, head.num_prototypes)
+    dense = g.dense_weight(head.num_prototypes)
+    assert used.tolist() == torch.nonzero(dense.abs().sum(0) > 0).flatten().tolist()
+    assert 0 < len(used) < head.num_prototypes  # the thresholding above leaves some prototypes unused
+    # Moving an unused prototype anywhere cannot change the logits.
+    unused = sorted(set(range(head.num_prototypes)) - set(used.tolist()))
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        before = head.logits(x)
+        head.prototypes.prototypes[unused] = 100.0
+        assert torch.equal(head.logits(x), before)
+
+
+def test_used_subset_renumbers_members_by_hand():
+    member_index = torch.tensor([[0, 1], [2, 3]])
+    weight = torch.tensor([[[1.0, 0.0]], [[0.25, 0.75]]])  # (C=2, N=1, K=2): prototype 1 unused
+    used, index = fused.used_subset(member_index, weight, 4)
+    assert used.tolist() == [0, 2, 3]
+    assert index.tolist() == [[0, 0], [1, 2]]
+
+
+def test_eq1_in_place_form_matches_log_activation():
+    """The block path's max(d+eps, eps), 1 + (1-eps)/., log chain is Eq. 1 (values by hand at d = 0 and d = 1)."""
+    head = PrototypeHead(8, 1, method="protoseg", rates=(1,), dim=2, prototypes_per_class=1).eval()
+    with torch.no_grad():
+        head.prototypes.prototypes.copy_(torch.tensor([[0.0, 0.0]]))
+        head.h_proto.fill_(1.0)
+        features = torch.tensor([[0.0, 1.0], [0.0, 0.0]]).view(1, 2, 1, 2)  # cells at distance 0 and 1
+        got = head.logits_from_features(features).flatten()
+    eps = head.prototypes.eps
+    expected = log_activation(torch.tensor([0.0, 1.0]), eps)
+    assert torch.allclose(got, expected)
+    assert abs(float(got[0]) - float(torch.log(torch.tensor(1 / eps)))) < 1e-4
+
+
+def test_with_autograd_on_logits_is_the_differentiable_forward():
+    head = _heads()["grouped-ratio"]
+    x = torch.randn(1, 8, 3, 3)
+    out = head.logits(x)
+    assert out.requires_grad
+    out.sum().backward()
+    assert head.grouping.weight.grad is not None
+
+
+def test_blockwise_logits_rejects_wrong_shapes_and_order():
+    protos = torch.rand(4, 2)
+    combine = fused.linear_combine(torch.rand(1, 4))
+    with pytest.raises(ValueError, match="expected num_scales"):
+        fused.blockwise_logits(torch.rand(1, 6, 2, 2), protos, torch.tensor([0, 0, 1, 1]), 2, 1e-4, combine, 1)
+    with pytest.raises(ValueError, match="scale-major"):
+        fused.blockwise_logits(torch.rand(1, 4, 2, 2), protos, torch.tensor([1, 0, 0, 1]), 2, 1e-4, combine, 1)
+
+
+def test_segmenter_logits_is_what_prediction_uses():
+    torch.manual_seed(0)
+    heads = {"deeplabv2": DeepLabV2Head(8, 3, rates=(1, 2)), **_heads()}
+    x = torch.randn(1, 3, 16, 20)
+    for name, head in heads.items():
+        model = Segmenter(TinyBackbone(), head).eval()
+        with torch.no_grad():
+            expected = model(x).logits
+            tol = 1e-5 * float(expected.abs().max())
+            assert torch.allclose(model.logits(x), expected, rtol=1e-5, atol=tol), name
+        calls = []
+        real = model.logits
+        model.logits = lambda t: calls.append(1) or real(t)  # noqa: B023
+        predict_logits(model, x, mode="whole")
+        assert calls, f"{name}: predict_logits did not go through Segmenter.logits"
