@@ -108,6 +108,21 @@ def graph_check(model: Segmenter, x: torch.Tensor) -> dict[str, bool]:
     }
 
 
+def profile_step(name: str, step: Callable[[], Any], device: torch.device, rows: int) -> None:
+    """Print the ``rows`` costliest operators of 3 steps (``--profile``), by device time on a GPU, else by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n### profile of 3 steps: {name}\n", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Build the three models (stage 2 on a copy of the stage-1 model), then time their steps in interleaved rounds."""
     gen = torch.Generator().manual_seed(args.seed)
@@ -141,6 +156,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             **graph_check(model, x),
         }
     results = measure_interleaved(steps, args.device, args.repeats, args.warmup)
+    if args.profile:
+        for name in (plan[0][0], plan[1][0]):
+            profile_step(name, steps[name], args.device, args.profile)
     rows = []
     for name, *_ in plan:
         rows.append({**info[name], "last_losses": dict(lasts[name]), **results[name]})
@@ -160,6 +178,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=None, help="square crop size (default 321; the paper's Cityscapes 513)")
     p.add_argument("--classes", type=int, default=19)
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA, as the trainer does (train.amp)")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print the ROWS costliest operators")
     args = finish_args(p.parse_args(argv))
     if args.amp and args.device.type != "cuda":
         raise ValueError("--amp needs --device cuda (the trainer uses mixed precision on CUDA only)")

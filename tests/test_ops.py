@@ -84,6 +84,13 @@ def test_multiscale_distances_compare_each_prototype_with_its_scale_only():
     no_middle = sorted_scale != 1
     fast = ops.multiscale_squared_distances(z, p[order][no_middle], sorted_scale[no_middle], S)
     assert torch.allclose(fast, d[:, order][:, no_middle], atol=1e-10)
+    # equal counts per scale (one batched product over scales), against the brute-force definition
+    equal = torch.tensor([0, 0, 1, 1, 2, 2])
+    p6 = torch.rand(6, D, dtype=torch.float64)
+    d6 = ops.multiscale_squared_distances(z, p6, equal, S, counts=[2, 2, 2])
+    for i in range(6):
+        zs = z[:, equal[i] * D : (equal[i] + 1) * D]
+        assert torch.allclose(d6[:, i], ((zs - p6[i].view(1, D, 1, 1)) ** 2).sum(1), atol=1e-10)
 
 
 def test_resize_conventions():

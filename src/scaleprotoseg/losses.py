@@ -16,15 +16,14 @@ from scaleprotoseg.ops import resize_labels
 def cross_entropy_on_grid(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Per-cell cross-entropy with the labels downsampled (nearest) to the logits' grid; ignore cells excluded.
 
-    Returns 0 (with a graph) when no cell is labelled, instead of NaN.
+    Returns 0 (with a graph) when no cell is labelled, instead of NaN; nothing is read back to the host.
     """
     small = resize_labels(labels, tuple(logits.shape[-2:]))
-    if not (small != ignore_index).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, small, ignore_index=ignore_index)
+    total = F.cross_entropy(logits, small, ignore_index=ignore_index, reduction="sum")
+    return total / (small != ignore_index).sum().clamp_min(1)
 
 
-def _member_table(
+def member_table(
     prototype_class: torch.Tensor, prototype_scale: torch.Tensor, num_classes: int, num_scales: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, S, M) table of prototype indices per (class, scale), padded, with its validity mask."""
@@ -51,10 +50,12 @@ def diversity_loss(
     *,
     jeffreys: Literal["half", "full"] = "half",
     ignore_index: int = 255,
+    table: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Diversity loss L_J (Eqs. 3-6), computed independently per scale, vectorised over images, classes, scales and
-    prototype pairs. Each labelled cell is visited once, with its own class's prototypes; the softmax and the pair
-    sums are segment-wise (per image and class) reductions.
+    prototype pairs. Each cell is visited once, with its own class's prototypes; the softmax and the pair sums are
+    segment-wise (per image and class) reductions. Cells that are void, or whose class has fewer than 2 cells in the
+    image, go to one extra segment that is dropped, so that nothing is read back to the host (no GPU sync).
 
     For every image b, class c with at least 2 labelled cells, and scale s: each prototype of (c, s) gets the
     softmax of its squared distances over the cells of class c (Eq. 3, positive sign as in the release); every pair
@@ -66,50 +67,50 @@ def diversity_loss(
     Args:
         distances: (B, P, h, w) squared distances on the feature grid.
         labels: (B, h, w) labels on the same grid (already downsampled), ``ignore_index`` for void.
+        table: :func:`member_table` of the prototypes, if already known.
     """
     B, P, h, w = distances.shape
     if labels.shape != (B, h, w):
         raise ValueError(f"diversity_loss: labels have shape {tuple(labels.shape)}; expected {(B, h, w)}")
     if jeffreys not in ("half", "full"):
         raise ValueError(f"jeffreys {jeffreys!r} is not valid; expected 'half' or 'full'")
-    index, valid = _member_table(prototype_class, prototype_scale, num_classes, num_scales)  # (C, S, M)
+    if table is None:
+        table = member_table(prototype_class, prototype_scale, num_classes, num_scales)
+    index, valid = table  # (C, S, M)
     _, S, M = index.shape
-    # Work per labelled cell, not per (image, class) x every cell: each cell only meets its own class's prototypes.
+    if M < 2:
+        return distances.sum() * 0.0
     lab = labels.reshape(B, h * w)
     labelled = (lab >= 0) & (lab < num_classes)  # void / ignore cells never enter
-    segment = torch.arange(B, device=lab.device).view(B, 1) * num_classes + lab.clamp(0, num_classes - 1)
-    nseg = B * num_classes
-    counts = torch.zeros(nseg, device=lab.device, dtype=torch.long).index_add_(
-        0, segment[labelled], torch.ones_like(segment[labelled])
+    cls = lab.clamp(0, num_classes - 1)
+    nseg = B * num_classes  # segment = (image, class); segment nseg collects the cells that take no part
+    segment = torch.arange(B, device=lab.device).view(B, 1) * num_classes + cls
+    segment = torch.where(labelled, segment, nseg)
+    counts = torch.zeros(nseg + 1, device=lab.device, dtype=torch.long).index_add_(
+        0, segment.flatten(), torch.ones_like(segment.flatten())
     )
-    enough = counts >= 2  # (image, class) pairs with at least 2 cells
-    b_idx, x_idx = torch.nonzero(labelled & enough[segment], as_tuple=True)
-    if len(b_idx) == 0:
-        return distances.sum() * 0.0
-    seg = segment[b_idx, x_idx]  # (N,) segment of each cell
-    cls = lab[b_idx, x_idx]
-    d = distances.reshape(B, P, h * w)
-    g = d[b_idx.view(-1, 1), index[cls].view(-1, S * M), x_idx.view(-1, 1)].view(-1, S, M)  # (N, S, M)
+    enough = counts[:nseg] >= 2  # (image, class) pairs with at least 2 cells
+    seg = torch.where(labelled & enough[segment.clamp_max(nseg - 1)], segment, nseg).flatten()  # (N,)
+    # Each cell's distances to its own class's prototypes, per scale: (N, S, M).
+    g = torch.gather(distances.reshape(B, P, h * w).transpose(1, 2), 2, index[cls].view(B, h * w, S * M))
+    g = g.reshape(-1, S, M)
     # Eq. 3: softmax over the cells of each (image, class), per prototype; a segment-wise log-sum-exp.
     seg3 = seg.view(-1, 1, 1).expand_as(g)
-    top = torch.full((nseg, S, M), float("-inf"), device=g.device, dtype=g.dtype)
+    top = torch.full((nseg + 1, S, M), float("-inf"), device=g.device, dtype=g.dtype)
     top = top.scatter_reduce(0, seg3, g.detach(), reduce="amax", include_self=True)[seg]
-    total = torch.zeros((nseg, S, M), device=g.device, dtype=g.dtype).index_add(0, seg, torch.exp(g - top))
+    total = torch.zeros((nseg + 1, S, M), device=g.device, dtype=g.dtype).index_add(0, seg, torch.exp(g - top))
     logp = g - top - torch.log(total[seg])
     prob = logp.exp()
     # Eq. 4: Jeffrey's divergence of every pair i < j, summed over the cells of the segment.
     iu = torch.triu_indices(M, M, 1, device=g.device)
-    if iu.shape[1] == 0:
-        return distances.sum() * 0.0
     term = (prob[..., iu[0]] - prob[..., iu[1]]) * (logp[..., iu[0]] - logp[..., iu[1]])  # (N, S, pairs)
-    jd = torch.zeros((nseg, S, iu.shape[1]), device=g.device, dtype=g.dtype).index_add(0, seg, term)
+    jd = torch.zeros((nseg + 1, S, iu.shape[1]), device=g.device, dtype=g.dtype).index_add(0, seg, term)[:nseg]
     if jeffreys == "half":
         jd = 0.5 * jd
     seg_class = torch.arange(nseg, device=g.device) % num_classes
     pair_valid = valid[seg_class][..., iu[0]] & valid[seg_class][..., iu[1]] & enough.view(-1, 1, 1)
-    if not pair_valid.any():
-        return distances.sum() * 0.0
-    return torch.exp(-jd)[pair_valid].mean()
+    weight = pair_valid.to(g.dtype)
+    return (torch.exp(-jd) * weight).sum() / weight.sum().clamp_min(1)
 
 
 def group_entropy_loss(weight: torch.Tensor, member_mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -180,6 +181,7 @@ def compute_losses(
             head.num_scales,
             jeffreys=loss_cfg.jeffreys,
             ignore_index=ignore_index,
+            table=head.member_table() if hasattr(head, "member_table") else None,
         )
         total = total + loss_cfg.diversity * out["diversity"]
     if "l1_proto" in terms and hasattr(head, "h_proto"):

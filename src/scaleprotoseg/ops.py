@@ -26,8 +26,19 @@ def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch
     return (z2 - 2 * zp + p2).clamp_min(0)
 
 
+def scale_counts(prototype_scale: torch.Tensor, num_scales: int) -> list[int] | None:
+    """Prototypes per scale when they are scale-major (``prototype_scale`` non-decreasing), else None."""
+    if len(prototype_scale) and not bool((prototype_scale[1:] >= prototype_scale[:-1]).all()):
+        return None
+    return torch.bincount(prototype_scale, minlength=num_scales).tolist()
+
+
 def multiscale_squared_distances(
-    features: torch.Tensor, prototypes: torch.Tensor, prototype_scale: torch.Tensor, num_scales: int
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    prototype_scale: torch.Tensor,
+    num_scales: int,
+    counts: list[int] | None = None,
 ) -> torch.Tensor:
     """Squared distances where prototype ``p`` sees only the D channels of its own scale (section 3.1).
 
@@ -40,6 +51,7 @@ def multiscale_squared_distances(
         prototypes: (P, D).
         prototype_scale: (P,) int64 scale index of each prototype.
         num_scales: S.
+        counts: :func:`scale_counts` of ``prototype_scale`` if already known (saves reading it back from a GPU).
     Returns:
         (B, P, H, W) distances.
     """
@@ -49,10 +61,21 @@ def multiscale_squared_distances(
         raise ValueError(f"features have {SD} channels; expected num_scales * D = {num_scales} * {D}")
     if num_scales == 1:
         return squared_distances(features, prototypes)
-    if P and bool((prototype_scale[1:] >= prototype_scale[:-1]).all()):
+    if counts is None and P:
+        counts = scale_counts(prototype_scale, num_scales)
+    if P and counts is not None and len(set(counts)) == 1:
+        # Scale-major with as many prototypes at every scale (the heads' layout before any removal): one batched
+        # product over the scales, and few enough operations that a GPU step is not bound by kernel launches.
+        m = counts[0]
+        z = features.reshape(B, num_scales, D, H * W)
+        protos = prototypes.view(num_scales, m, D)
+        z2 = (z * z).sum(dim=2).unsqueeze(2)  # (B, S, 1, HW)
+        p2 = (protos * protos).sum(dim=2).view(1, num_scales, m, 1)
+        zp = torch.einsum("bsdx,smd->bsmx", z, protos)  # (B, S, m, HW)
+        return (z2 - 2 * zp + p2).clamp_min(0).reshape(B, P, H, W)
+    if P and counts is not None:
         # Scale-major prototypes (the layout the heads keep, also after removals): one product per scale block,
         # a quarter of the arithmetic of the dense block matrix below.
-        counts = torch.bincount(prototype_scale, minlength=num_scales).tolist()
         blocks = features.view(B, num_scales, D, H, W)
         parts = [
             squared_distances(blocks[:, s], chunk)

@@ -51,7 +51,8 @@ def test_inference_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     thresholded = [r for r in data["models"] if r["variant"] == "thresholded"]
     assert all(0 < r["nonzero_per_group"] <= 4 for r in thresholded)
     assert data["equality_checks_passed"] is True
-    assert {r["part"] for r in data["head"]} == {"features -> logits", "activations -> logits"}
+    parts = {"features -> logits", "features -> logits, maps kept", "activations -> logits"}
+    assert {r["part"] for r in data["head"]} == parts
     assert all(r["allclose"] and r["speedup"] > 0 for r in data["head"])
     assert len(data["targets"]) == 3  # two model ratios (n/a without ResNet-101) and the head speed-up
 

@@ -118,13 +118,38 @@ def test_with_autograd_on_logits_is_the_differentiable_forward():
     assert head.grouping.weight.grad is not None
 
 
-def test_blockwise_logits_rejects_wrong_shapes_and_order():
+def test_blockwise_logits_rejects_wrong_shapes():
     protos = torch.rand(4, 2)
     combine = fused.linear_combine(torch.rand(1, 4))
     with pytest.raises(ValueError, match="expected num_scales"):
-        fused.blockwise_logits(torch.rand(1, 6, 2, 2), protos, torch.tensor([0, 0, 1, 1]), 2, 1e-4, combine, 1)
-    with pytest.raises(ValueError, match="scale-major"):
-        fused.blockwise_logits(torch.rand(1, 4, 2, 2), protos, torch.tensor([1, 0, 0, 1]), 2, 1e-4, combine, 1)
+        fused.blockwise_logits(torch.rand(1, 6, 2, 2), protos, [2, 2], 1e-4, combine, 1)
+    with pytest.raises(ValueError, match="sum to 3"):
+        fused.blockwise_logits(torch.rand(1, 4, 2, 2), protos, [1, 2], 1e-4, combine, 1)
+
+
+def test_head_with_prototypes_out_of_scale_order_falls_back_to_the_plain_forward():
+    head = _heads()["grouped-ratio"].eval()
+    order = torch.randperm(head.num_prototypes, generator=torch.Generator().manual_seed(3))
+    head.remove_prototypes(order)  # same prototypes, scales interleaved
+    assert head.prototypes.scale_counts() is None
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        expected = head(x).logits
+        assert torch.allclose(head.logits(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_plan_is_memoised_and_follows_weight_updates():
+    head = _heads()["grouped-ratio"].eval()
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        head.logits(x)
+        plan = head._fused_plan()
+        assert head._fused_plan() is plan  # nothing changed: no recomputation
+        head.grouping.weight.zero_()
+        head.grouping.weight[:, :, 0] = 1.0  # one member per group: fewer prototypes used
+        assert head._fused_plan() is not plan
+        expected = head(x).logits
+        assert torch.allclose(head.logits(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_segmenter_logits_is_what_prediction_uses():

@@ -17,7 +17,7 @@ round-off (tests). It runs without autograd only; training uses the plain forwar
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,42 +25,33 @@ _TINY = 1e-6  # the grouping layer's floor before the log of the 'geometric' for
 BLOCK_ELEMENTS = 1 << 23  # distances held at once: 8M floats (32 MB), so memory stays bounded on large images
 
 
-def scale_ranges(prototype_scale: torch.Tensor, num_scales: int) -> list[tuple[int, int, int]]:
-    """``(scale, start, end)`` of each non-empty scale block of scale-major prototypes."""
-    counts = torch.bincount(prototype_scale, minlength=num_scales).tolist()
-    ranges, start = [], 0
-    for s, n in enumerate(counts):
-        if n:
-            ranges.append((s, start, start + n))
-        start += n
-    return ranges
-
-
 def blockwise_logits(
     features: torch.Tensor,
     prototypes: torch.Tensor,
-    prototype_scale: torch.Tensor,
-    num_scales: int,
+    counts: Sequence[int],
     eps: float,
     combine: Callable[[torch.Tensor], torch.Tensor],
     num_outputs: int,
     block: int | None = None,
 ) -> torch.Tensor:
-    """Logits (B, C, h, w) from sigmoid features (B, S*D, h, w) and scale-major prototypes (P, D).
+    """Logits (B, C, h, w) from sigmoid features (B, S*D, h, w) and scale-major prototypes (P, D), ``counts[s]`` of
+    them for scale s.
 
     Works channel-first, on (P, T) blocks of T cells of one image (T = ``block``, default: as many cells as keep
     the block within ``BLOCK_ELEMENTS``). ``combine`` maps a block of activations (P, T) (Eq. 1; it may modify them in
-    place) to its class scores (C, T).
+    place) to its class scores (C, T). Nothing is read back to the host, so on a GPU the kernels queue up unhindered.
     """
     B, SD, h, w = features.shape
     P, D = prototypes.shape
+    num_scales = len(counts)
     if SD != num_scales * D:
         raise ValueError(f"features have {SD} channels; expected num_scales * D = {num_scales} * {D}")
-    if P and not bool((prototype_scale[1:] >= prototype_scale[:-1]).all()):
-        raise ValueError("blockwise_logits needs scale-major prototypes (prototype_scale non-decreasing)")
+    if sum(counts) != P:
+        raise ValueError(f"counts per scale {list(counts)} sum to {sum(counts)}; expected the {P} prototypes")
+    starts = [sum(counts[:s]) for s in range(num_scales)]
+    ranges = [(s, a, a + n) for s, (a, n) in enumerate(zip(starts, counts)) if n]
     M = h * w
     T = min(M, block or max(256, BLOCK_ELEMENTS // max(P, 1)))
-    ranges = scale_ranges(prototype_scale, num_scales)
     protos = [prototypes[a:b] for _, a, b in ranges]
     p2 = [(p * p).sum(dim=1, keepdim=True) + eps for p in protos]  # (P_s, 1), eps of Eq. 1 folded in
     out = features.new_empty(B, num_outputs, M)

@@ -17,11 +17,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from scaleprotoseg.losses import member_table
 from scaleprotoseg.models import fused
 from scaleprotoseg.models.aspp import ASPP
 from scaleprotoseg.models.grouping import GroupingLayer
+from scaleprotoseg.models.memo import memoised
 from scaleprotoseg.models.prototypes import PrototypeLayer, prototype_layout
-from scaleprotoseg.ops import ACTIVATION_EPS
+from scaleprotoseg.ops import ACTIVATION_EPS, scale_counts
 
 
 @dataclass
@@ -138,6 +140,16 @@ class PrototypeHead(nn.Module):
     def group_class(self) -> torch.Tensor | None:
         return None if self.grouping is None else self.grouping.group_class
 
+    def member_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, S, M) prototype indices per (class, scale) and their mask, for the diversity loss; memoised."""
+        layer = self.prototypes
+        return memoised(
+            self,
+            "_memo_member_table",
+            [layer.prototype_class, layer.prototype_scale],
+            lambda: member_table(layer.prototype_class, layer.prototype_scale, self.num_classes, self.num_scales),
+        )
+
     def last_layer_weight(self) -> torch.Tensor:
         """The weights of the final linear layer in use: h_group (C, G) when grouped, else h_proto (C, P)."""
         return self.h_group if self.h_group is not None else self.h_proto
@@ -198,7 +210,10 @@ class PrototypeHead(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        features = torch.sigmoid(self.aspp(x))
+        return self.forward_features(torch.sigmoid(self.aspp(x)))
+
+    def forward_features(self, features: torch.Tensor) -> ModelOutput:
+        """Everything after the ASPP and sigmoid, every map kept (training, explanations)."""
         distances, activations = self.prototypes(features)
         if self.grouping is None:
             logits = torch.einsum("cp,bphw->bchw", self.h_proto, activations)
@@ -217,18 +232,34 @@ class PrototypeHead(nn.Module):
             return self.forward(x).logits
         return self.logits_from_features(torch.sigmoid(self.aspp(x)))
 
+    def _fused_plan(self) -> tuple[torch.Tensor | None, list[int] | None, torch.Tensor | None, torch.Tensor | None]:
+        """(used prototypes or None for all, their counts per scale, member index into them, masked group weights);
+        memoised until the prototypes' layout or the group weights change."""
+        layer = self.prototypes
+        if self.grouping is None:
+            return None, layer.scale_counts(), None, None
+        g = self.grouping
+
+        def compute() -> tuple[torch.Tensor | None, list[int] | None, torch.Tensor, torch.Tensor]:
+            weight = g.weight.detach() * g.member_mask.unsqueeze(1)
+            used, index = fused.used_subset(g.member_index, weight, self.num_prototypes)
+            counts = scale_counts(layer.prototype_scale.index_select(0, used), self.num_scales)
+            return (None if len(used) == self.num_prototypes else used), counts, index, weight
+
+        sources = [layer.prototype_scale, g.weight, g.member_index, g.member_mask]
+        return memoised(self, "_memo_fused_plan", sources, compute)
+
     @torch.no_grad()
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Class scores from the sigmoid ASPP features (B, S*D, h, w), block by block (Eqs. 1-2, no autograd)."""
-        layer = self.prototypes
-        protos, scale = layer.prototypes, layer.prototype_scale
+        used, counts, index, weight = self._fused_plan()
+        if counts is None:  # prototypes not scale-major: the plain forward handles any order
+            return self.forward_features(features).logits
+        protos = self.prototypes.prototypes
+        if used is not None:
+            protos = protos.index_select(0, used)
         if self.grouping is None:
             combine = fused.linear_combine(self.h_proto)
         else:
-            g = self.grouping
-            weight = g.weight * g.member_mask.unsqueeze(1)
-            used, index = fused.used_subset(g.member_index, weight, self.num_prototypes)
-            if len(used) < self.num_prototypes:
-                protos, scale = protos.index_select(0, used), scale.index_select(0, used)
-            combine = fused.group_combine(index, weight, self.h_group, g.mode)
-        return fused.blockwise_logits(features, protos, scale, self.num_scales, layer.eps, combine, self.num_classes)
+            combine = fused.group_combine(index, weight, self.h_group, self.grouping.mode)
+        return fused.blockwise_logits(features, protos, counts, self.prototypes.eps, combine, self.num_classes)

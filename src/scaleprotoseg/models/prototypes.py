@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scaleprotoseg.ops import ACTIVATION_EPS, log_activation, multiscale_squared_distances
+from scaleprotoseg.models.memo import memoised
+from scaleprotoseg.ops import ACTIVATION_EPS, log_activation, multiscale_squared_distances, scale_counts
 
 
 def prototype_layout(num_classes: int, per_class: int, num_scales: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +46,15 @@ class PrototypeLayer(nn.Module):
     def num_prototypes(self) -> int:
         return self.prototypes.shape[0]
 
+    def scale_counts(self) -> list[int] | None:
+        """Prototypes per scale (None if not scale-major), memoised while ``prototype_scale`` is unchanged."""
+        scale = self.prototype_scale
+        return memoised(self, "_memo_scale_counts", [scale], lambda: scale_counts(scale, self.num_scales))
+
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = multiscale_squared_distances(features, self.prototypes, self.prototype_scale, self.num_scales)
+        d = multiscale_squared_distances(
+            features, self.prototypes, self.prototype_scale, self.num_scales, self.scale_counts()
+        )
         return d, log_activation(d, self.eps)
 
     @torch.no_grad()
