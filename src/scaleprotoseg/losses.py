@@ -97,18 +97,20 @@ def diversity_loss(
     # Eq. 3: softmax over the cells of each (image, class), per prototype; a segment-wise log-sum-exp.
     seg3 = seg.view(-1, 1, 1).expand_as(g)
     top = torch.full((nseg + 1, S, M), float("-inf"), device=g.device, dtype=g.dtype)
-    top = top.scatter_reduce(0, seg3, g.detach(), reduce="amax", include_self=True)[seg]
-    total = torch.zeros((nseg + 1, S, M), device=g.device, dtype=g.dtype).index_add(0, seg, torch.exp(g - top))
-    logp = g - top - torch.log(total[seg])
+    top = top.scatter_reduce(0, seg3, g.detach(), reduce="amax", include_self=True).index_select(0, seg)
+    shifted = g - top
+    total = torch.zeros((nseg + 1, S, M), device=g.device, dtype=g.dtype).index_add(0, seg, shifted.exp())
+    logp = shifted - total.log().index_select(0, seg)
     prob = logp.exp()
-    # Eq. 4: Jeffrey's divergence of every pair i < j, summed over the cells of the segment.
-    iu = torch.triu_indices(M, M, 1, device=g.device)
-    term = (prob[..., iu[0]] - prob[..., iu[1]]) * (logp[..., iu[0]] - logp[..., iu[1]])  # (N, S, pairs)
-    jd = torch.zeros((nseg + 1, S, iu.shape[1]), device=g.device, dtype=g.dtype).index_add(0, seg, term)[:nseg]
+    # Eq. 4: Jeffrey's divergence of every pair (i, j), summed over the cells of the segment; all M x M pairs are
+    # formed by broadcasting (M is small) and the pairs i < j kept by the mask below.
+    term = (prob.unsqueeze(-1) - prob.unsqueeze(-2)) * (logp.unsqueeze(-1) - logp.unsqueeze(-2))  # (N, S, M, M)
+    jd = torch.zeros((nseg + 1, S, M, M), device=g.device, dtype=g.dtype).index_add(0, seg, term)[:nseg]
     if jeffreys == "half":
         jd = 0.5 * jd
-    seg_class = torch.arange(nseg, device=g.device) % num_classes
-    pair_valid = valid[seg_class][..., iu[0]] & valid[seg_class][..., iu[1]] & enough.view(-1, 1, 1)
+    vs = valid[torch.arange(nseg, device=g.device) % num_classes]  # (nseg, S, M)
+    upper = torch.ones(M, M, dtype=torch.bool, device=g.device).triu(1)
+    pair_valid = vs.unsqueeze(-1) & vs.unsqueeze(-2) & upper & enough.view(-1, 1, 1, 1)
     weight = pair_valid.to(g.dtype)
     return (torch.exp(-jd) * weight).sum() / weight.sum().clamp_min(1)
 
