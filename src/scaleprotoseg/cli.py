@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 VERBS = {
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)  # prints help or the error for an unknown verb
         parser.print_help()
         return 2
+    if "torch" not in sys.modules:
+        # Before OpenMP starts: idle OpenMP threads sleep instead of spinning, so a run on a busy machine (another job,
+        # data-loader workers) does not slow down several-fold. Set OMP_WAIT_POLICY yourself to choose otherwise.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module = importlib.import_module(f"scaleprotoseg.commands.{verb}")
     verb_parser = argparse.ArgumentParser(prog=f"scaleprotoseg {verb}", description=VERBS[verb])
     module.add_arguments(verb_parser)

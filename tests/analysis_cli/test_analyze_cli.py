@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from scaleprotoseg.analysis.runner import METRICS, jsonable
+from scaleprotoseg.analysis.results import jsonable
+from scaleprotoseg.analysis.runner import METRICS
 from scaleprotoseg.cli import main
 from scaleprotoseg.predict import load_run_model
 

@@ -55,13 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scaleprotoseg.analysis.runner import (
-        AnalysisOptions,
-        Analyzer,
-        MissingInput,
-        format_table,
-        write_result,
-    )
+    from scaleprotoseg.analysis.results import format_table, write_result
+    from scaleprotoseg.analysis.runner import AnalysisOptions, Analyzer, MissingInput
     from scaleprotoseg.analysis.stability import NOISE_STD
     from scaleprotoseg.engine.distributed import resolve_device
 
