@@ -234,7 +234,9 @@ def bench_head(args: argparse.Namespace) -> list[dict[str, Any]]:
         head.enable_groups()
         nz = sparse_groups_(head, args.nonzero, gen)
         g = head.grouping
-        used = len(fused.used_subset(g.member_index, g.weight * g.member_mask.unsqueeze(1), head.num_prototypes)[0])
+        used = int(
+            fused.used_prototypes(g.member_index, g.weight * g.member_mask.unsqueeze(1), head.num_prototypes).sum()
+        )
         with torch.no_grad():
             head.h_group.add_(0.01 * torch.randn(head.h_group.shape, generator=gen))
         head = head.to(args.device).eval()

@@ -67,12 +67,12 @@ def multiscale_squared_distances(
         # Scale-major with as many prototypes at every scale (the heads' layout before any removal): one batched
         # product over the scales, and few enough operations that a GPU step is not bound by kernel launches.
         m = counts[0]
-        z = features.reshape(B, num_scales, D, H * W)
-        protos = prototypes.view(num_scales, m, D)
-        z2 = (z * z).sum(dim=2).unsqueeze(2)  # (B, S, 1, HW)
-        p2 = (protos * protos).sum(dim=2).view(1, num_scales, m, 1)
-        zp = torch.einsum("bsdx,smd->bsmx", z, protos)  # (B, S, m, HW)
-        return (z2 - 2 * zp + p2).clamp_min(0).reshape(B, P, H, W)
+        z = features.reshape(B * num_scales, D, H * W)
+        protos = prototypes.view(1, num_scales, m, D).expand(B, -1, -1, -1).reshape(B * num_scales, m, D)
+        p2 = (protos * protos).sum(dim=2, keepdim=True)  # (B*S, m, 1)
+        z2 = (z * z).sum(dim=1, keepdim=True)  # (B*S, 1, HW)
+        d = torch.baddbmm(p2, protos, z, beta=1, alpha=-2).add_(z2)  # ||p||^2 - 2 p.z + ||z||^2
+        return d.clamp_min_(0).view(B, P, H, W)
     if P and counts is not None:
         # Scale-major prototypes (the layout the heads keep, also after removals): one product per scale block,
         # a quarter of the arithmetic of the dense block matrix below.

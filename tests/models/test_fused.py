@@ -73,13 +73,14 @@ def test_blockwise_logits_equal_the_plain_forward(name, block, monkeypatch):
 def test_grouped_head_skips_exactly_the_unused_prototypes():
     head = _heads()["grouped-ratio"].eval()
     g = head.grouping
-    weight = g.weight * g.member_mask.unsqueeze(1)
-    used, _ = fused.used_subset(g.member_index, weight, head.num_prototypes)
+    used = fused.used_prototypes(g.member_index, g.weight * g.member_mask.unsqueeze(1), head.num_prototypes)
     dense = g.dense_weight(head.num_prototypes)
-    assert used.tolist() == torch.nonzero(dense.abs().sum(0) > 0).flatten().tolist()
-    assert 0 < len(used) < head.num_prototypes  # the thresholding above leaves some prototypes unused
+    assert torch.equal(used, dense.abs().sum(0) > 0)
+    assert 0 < int(used.sum()) < head.num_prototypes  # the thresholding above leaves some prototypes unused
+    source, slot, m = head._fused_plan()[:3]
+    assert set(source.tolist()) <= set(torch.nonzero(used).flatten().tolist())  # no distance to an unused one
     # Moving an unused prototype anywhere cannot change the logits.
-    unused = sorted(set(range(head.num_prototypes)) - set(used.tolist()))
+    unused = torch.nonzero(~used).flatten()
     x = torch.randn(1, 8, 4, 4)
     with torch.no_grad():
         before = head.logits(x)
@@ -87,12 +88,16 @@ def test_grouped_head_skips_exactly_the_unused_prototypes():
         assert torch.equal(head.logits(x), before)
 
 
-def test_used_subset_renumbers_members_by_hand():
-    member_index = torch.tensor([[0, 1], [2, 3]])
-    weight = torch.tensor([[[1.0, 0.0]], [[0.25, 0.75]]])  # (C=2, N=1, K=2): prototype 1 unused
-    used, index = fused.used_subset(member_index, weight, 4)
-    assert used.tolist() == [0, 2, 3]
-    assert index.tolist() == [[0, 0], [1, 2]]
+def test_padded_layout_by_hand():
+    scale = torch.tensor([1, 0, 1, 1, 0])
+    keep = torch.tensor([True, True, False, True, True])
+    source, slot, m = fused.padded_layout(scale, 2, keep)
+    assert m == 2  # scale 0 keeps prototypes 1 and 4, scale 1 keeps 0 and 3
+    assert slot.tolist() == [2, 0, -1, 3, 1]
+    assert source.tolist() == [1, 4, 0, 3]
+    source, slot, m = fused.padded_layout(scale, 2)  # all kept: m = 3, scale 0 has one padding slot
+    assert m == 3 and slot.tolist() == [3, 0, 4, 5, 1]
+    assert source[[0, 1, 3, 4, 5]].tolist() == [1, 4, 0, 2, 3] and scale[source[2]] in (0, 1)
 
 
 def test_eq1_in_place_form_matches_log_activation():
@@ -119,15 +124,12 @@ def test_with_autograd_on_logits_is_the_differentiable_forward():
 
 
 def test_blockwise_logits_rejects_wrong_shapes():
-    protos = torch.rand(4, 2)
     combine = fused.linear_combine(torch.rand(1, 4))
     with pytest.raises(ValueError, match="expected num_scales"):
-        fused.blockwise_logits(torch.rand(1, 6, 2, 2), protos, [2, 2], 1e-4, combine, 1)
-    with pytest.raises(ValueError, match="sum to 3"):
-        fused.blockwise_logits(torch.rand(1, 4, 2, 2), protos, [1, 2], 1e-4, combine, 1)
+        fused.blockwise_logits(torch.rand(1, 6, 2, 2), torch.rand(2, 2, 2), 1e-4, combine, 1)
 
 
-def test_head_with_prototypes_out_of_scale_order_falls_back_to_the_plain_forward():
+def test_head_with_prototypes_out_of_scale_order():
     head = _heads()["grouped-ratio"].eval()
     order = torch.randperm(head.num_prototypes, generator=torch.Generator().manual_seed(3))
     head.remove_prototypes(order)  # same prototypes, scales interleaved

@@ -5,7 +5,8 @@ Eq. 1 activations and the intermediate results of each) and pays for their alloc
 prototypes on a 64x64 grid that is ~30 MB each. Here one (P, T) buffer of T cells is reused, channel-first so that
 every product is a wide matrix product, and every step runs on it in place:
 
-1. distances per scale, one ``addmm`` per scale written straight into the block's rows (section 3.1);
+1. distances to every prototype of its own scale (section 3.1): one batched product over the scales, the prototypes
+   laid out (S, m, D) with padding slots where a scale has fewer than m;
 2. Eq. 1 in place as ``log(1 + (1 - eps) / (d + eps))``, which equals ``log((d + 1) / (d + eps))``;
 3. Eq. 2 (grouped heads): each class's member rows gathered, one batched product over classes, then ``exp``;
 4. the last layer.
@@ -17,7 +18,7 @@ round-off (tests). It runs without autograd only; training uses the plain forwar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -28,47 +29,68 @@ BLOCK_ELEMENTS = 1 << 23  # distances held at once: 8M floats (32 MB), so memory
 def blockwise_logits(
     features: torch.Tensor,
     prototypes: torch.Tensor,
-    counts: Sequence[int],
     eps: float,
     combine: Callable[[torch.Tensor], torch.Tensor],
     num_outputs: int,
     block: int | None = None,
 ) -> torch.Tensor:
-    """Logits (B, C, h, w) from sigmoid features (B, S*D, h, w) and scale-major prototypes (P, D), ``counts[s]`` of
-    them for scale s.
+    """Logits (B, C, h, w) from sigmoid features (B, S*D, h, w) and prototypes laid out per scale (S, m, D)
+    (:func:`padded_layout`; slot ``s * m + j`` is prototype j of scale s).
 
-    Works channel-first, on (P, T) blocks of T cells of one image (T = ``block``, default: as many cells as keep
-    the block within ``BLOCK_ELEMENTS``). ``combine`` maps a block of activations (P, T) (Eq. 1; it may modify them in
-    place) to its class scores (C, T). Nothing is read back to the host, so on a GPU the kernels queue up unhindered.
+    Works channel-first, on (S*m, T) blocks of T cells of one image (T = ``block``, default: as many cells as keep
+    the block within ``BLOCK_ELEMENTS``): one batched product over the scales gives the block's distances. ``combine``
+    maps the block's activations (S*m, T) (Eq. 1; it may modify them in place) to its class scores (C, T). Nothing is
+    read back to the host, so on a GPU the kernels queue up unhindered.
     """
     B, SD, h, w = features.shape
-    P, D = prototypes.shape
-    num_scales = len(counts)
-    if SD != num_scales * D:
-        raise ValueError(f"features have {SD} channels; expected num_scales * D = {num_scales} * {D}")
-    if sum(counts) != P:
-        raise ValueError(f"counts per scale {list(counts)} sum to {sum(counts)}; expected the {P} prototypes")
-    starts = [sum(counts[:s]) for s in range(num_scales)]
-    ranges = [(s, a, a + n) for s, (a, n) in enumerate(zip(starts, counts)) if n]
+    S, m, D = prototypes.shape
+    if SD != S * D:
+        raise ValueError(f"features have {SD} channels; expected num_scales * D = {S} * {D}")
     M = h * w
-    T = min(M, block or max(256, BLOCK_ELEMENTS // max(P, 1)))
-    protos = [prototypes[a:b] for _, a, b in ranges]
-    p2 = [(p * p).sum(dim=1, keepdim=True) + eps for p in protos]  # (P_s, 1), eps of Eq. 1 folded in
+    T = min(M, block or max(256, BLOCK_ELEMENTS // max(S * m, 1)))
+    p2 = (prototypes * prototypes).sum(dim=2, keepdim=True) + eps  # (S, m, 1), the eps of Eq. 1 folded in
     out = features.new_empty(B, num_outputs, M)
-    buf = features.new_empty(P, T)
+    buf = features.new_empty(S * m, T)
     for bi in range(B):
-        z = features[bi].reshape(num_scales, D, M)
-        z2 = (z * z).sum(dim=1)  # (S, M)
+        z = features[bi].reshape(S, D, M)
+        z2 = (z * z).sum(dim=1, keepdim=True)  # (S, 1, M)
         for i in range(0, M, T):
             t = min(T, M - i)
             d = buf if t == T else buf[:, :t]
-            for (s, a, b), p, pp in zip(ranges, protos, p2):
-                rows = d[a:b]
-                torch.addmm(pp, p, z[s, :, i : i + t], beta=1, alpha=-2, out=rows)  # ||p||^2 + eps - 2 p.z
-                rows.add_(z2[s, i : i + t])  # + ||z||^2: d + eps
+            ds = d.view(S, m, t)
+            torch.baddbmm(p2, prototypes, z[:, :, i : i + t], beta=1, alpha=-2, out=ds)  # ||p||^2 + eps - 2 p.z
+            ds.add_(z2[:, :, i : i + t])  # + ||z||^2: d + eps
             torch.div(1 - eps, d.clamp_min_(eps), out=d)  # max(d, 0) + eps = max(d + eps, eps)
             out[bi, :, i : i + t] = combine(d.add_(1).log_())  # Eq. 1: log(1 + (1 - eps) / (d + eps))
     return out.view(B, num_outputs, h, w)
+
+
+def padded_layout(
+    prototype_scale: torch.Tensor, num_scales: int, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Slots of a per-scale (S, m, D) layout for the prototypes in ``keep`` (default: all), m = the largest count.
+
+    Returns ``source`` (S*m,): the prototype each slot reads (padding slots repeat a kept prototype; their results
+    are never used), ``slot`` (P,): the slot of each prototype, -1 if not kept, and m.
+    """
+    P = len(prototype_scale)
+    device = prototype_scale.device
+    kept = torch.ones(P, dtype=torch.bool, device=device) if keep is None else keep.to(device)
+    order = torch.argsort(prototype_scale * 2 + (~kept).long(), stable=True)  # by scale, kept ones first
+    counts = torch.bincount(prototype_scale[kept], minlength=num_scales)
+    m = max(int(counts.max()), 1) if len(counts) else 1
+    starts = torch.cumsum(torch.bincount(prototype_scale, minlength=num_scales), 0) - torch.bincount(
+        prototype_scale, minlength=num_scales
+    )
+    scale_sorted = prototype_scale[order]
+    rank = torch.arange(P, device=device) - starts[scale_sorted]  # rank within its scale, kept ones first
+    slot = torch.full((P,), -1, dtype=torch.long, device=device)
+    is_kept = kept[order]
+    slot[order[is_kept]] = scale_sorted[is_kept] * m + rank[is_kept]
+    first = int(torch.nonzero(kept)[0]) if bool(kept.any()) else 0
+    source = torch.full((num_scales * m,), first, dtype=torch.long, device=device)
+    source[slot[kept]] = torch.nonzero(kept).flatten()
+    return source, slot, m
 
 
 def linear_combine(last_layer: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -97,18 +119,8 @@ def group_combine(
     return combine
 
 
-def used_subset(
-    member_index: torch.Tensor, weight: torch.Tensor, num_prototypes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prototypes with a non-zero weight in some group (ascending), and ``member_index`` renumbered into them.
-
-    Members with zero weight everywhere are pointed at column 0: their weight is 0, so any finite activation works.
-    """
-    used_mask = torch.zeros(num_prototypes, dtype=torch.bool, device=member_index.device)
-    used_mask[member_index[(weight != 0).any(dim=1)]] = True
-    if not bool(used_mask.any()):
-        used_mask[0] = True  # keep one column so that the gather has something to read
-    used = torch.nonzero(used_mask).flatten()
-    new_index = torch.cumsum(used_mask.long(), 0) - 1
-    remapped = torch.where(used_mask[member_index], new_index[member_index], torch.zeros_like(member_index))
-    return used, remapped
+def used_prototypes(member_index: torch.Tensor, weight: torch.Tensor, num_prototypes: int) -> torch.Tensor:
+    """(P,) bool: the prototypes with a non-zero weight in some group (``weight`` (C, N, K), already masked)."""
+    used = torch.zeros(num_prototypes, dtype=torch.bool, device=member_index.device)
+    used[member_index[(weight != 0).any(dim=1)]] = True
+    return used

@@ -23,7 +23,7 @@ from scaleprotoseg.models.aspp import ASPP
 from scaleprotoseg.models.grouping import GroupingLayer
 from scaleprotoseg.models.memo import memoised
 from scaleprotoseg.models.prototypes import PrototypeLayer, prototype_layout
-from scaleprotoseg.ops import ACTIVATION_EPS, scale_counts
+from scaleprotoseg.ops import ACTIVATION_EPS
 
 
 @dataclass
@@ -232,34 +232,31 @@ class PrototypeHead(nn.Module):
             return self.forward(x).logits
         return self.logits_from_features(torch.sigmoid(self.aspp(x)))
 
-    def _fused_plan(self) -> tuple[torch.Tensor | None, list[int] | None, torch.Tensor | None, torch.Tensor | None]:
-        """(used prototypes or None for all, their counts per scale, member index into them, masked group weights);
-        memoised until the prototypes' layout or the group weights change."""
-        layer = self.prototypes
-        if self.grouping is None:
-            return None, layer.scale_counts(), None, None
-        g = self.grouping
+    def _fused_plan(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+        """The inference layout (:func:`fused.padded_layout` of the prototypes some group uses, or of all of them
+        without groups), the group members' slots and the masked group weights; memoised until they change."""
+        layer, g = self.prototypes, self.grouping
 
-        def compute() -> tuple[torch.Tensor | None, list[int] | None, torch.Tensor, torch.Tensor]:
+        def compute() -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
+            if g is None:
+                return (*fused.padded_layout(layer.prototype_scale, self.num_scales), None, None)
             weight = g.weight.detach() * g.member_mask.unsqueeze(1)
-            used, index = fused.used_subset(g.member_index, weight, self.num_prototypes)
-            counts = scale_counts(layer.prototype_scale.index_select(0, used), self.num_scales)
-            return (None if len(used) == self.num_prototypes else used), counts, index, weight
+            used = fused.used_prototypes(g.member_index, weight, self.num_prototypes)
+            source, slot, m = fused.padded_layout(layer.prototype_scale, self.num_scales, used)
+            index = slot[g.member_index].clamp_min(0)  # members no group uses have weight 0: any slot will do
+            return source, slot, m, index, weight
 
-        sources = [layer.prototype_scale, g.weight, g.member_index, g.member_mask]
+        sources = [layer.prototype_scale] + ([] if g is None else [g.weight, g.member_index, g.member_mask])
         return memoised(self, "_memo_fused_plan", sources, compute)
 
     @torch.no_grad()
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Class scores from the sigmoid ASPP features (B, S*D, h, w), block by block (Eqs. 1-2, no autograd)."""
-        used, counts, index, weight = self._fused_plan()
-        if counts is None:  # prototypes not scale-major: the plain forward handles any order
-            return self.forward_features(features).logits
-        protos = self.prototypes.prototypes
-        if used is not None:
-            protos = protos.index_select(0, used)
+        source, slot, m, index, weight = self._fused_plan()
+        protos = self.prototypes.prototypes.index_select(0, source).view(self.num_scales, m, -1)
         if self.grouping is None:
-            combine = fused.linear_combine(self.h_proto)
+            last = self.h_proto.new_zeros(self.num_classes, self.num_scales * m).index_copy_(1, slot, self.h_proto)
+            combine = fused.linear_combine(last)  # padding slots get weight 0
         else:
             combine = fused.group_combine(index, weight, self.h_group, self.grouping.mode)
-        return fused.blockwise_logits(features, protos, counts, self.prototypes.eps, combine, self.num_classes)
+        return fused.blockwise_logits(features, protos, self.prototypes.eps, combine, self.num_classes)
