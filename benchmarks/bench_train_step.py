@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     title = (
         f"Training step: {args.backbone}, batch {args.batch} x {args.crop}x{args.crop}, {args.classes} classes, "
-        "optimizer step included"
+        f"{'bf16 autocast' if args.amp else 'float32'}, optimizer step included"
     )
     payload = {
         "settings": {
