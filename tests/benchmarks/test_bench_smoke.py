@@ -59,8 +59,11 @@ def test_inference_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_train_step_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mod = _load("bench_train_step")
-    out = mod.main([*QUICK, "--out", str(tmp_path)])
-    data = _check_common(out, tmp_path / "train_step.json", capsys.readouterr().out, "train_step")
+    out = mod.main([*QUICK, "--profile", "3", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    data = _check_common(out, tmp_path / "train_step.json", printed, "train_step")
+    assert "profile of 3 steps: DeepLabv2" in printed and "profile of 3 steps: ScaleProtoSeg stage 1" in printed
+    assert "float32, optimizer step included" in printed
     steps = {r["stage"]: r for r in data["steps"] if "no_grad" not in r["step"]}
     assert set(steps) == {"train", "joint", "group_joint"}
     assert steps["joint"]["losses"] == ["ce", "diversity", "l1_proto"]
