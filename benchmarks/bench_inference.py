@@ -44,7 +44,6 @@ from common import (
 )
 
 from scaleprotoseg.config import ModelConfig
-from scaleprotoseg.models import fused
 from scaleprotoseg.models.heads import PrototypeHead
 from scaleprotoseg.models.segmenter import Segmenter, build_model
 
@@ -233,10 +232,7 @@ def bench_head(args: argparse.Namespace) -> list[dict[str, Any]]:
         head = PrototypeHead(8, num_classes, method="scaleprotoseg", dim=64, prototypes_per_class=3)
         head.enable_groups()
         nz = sparse_groups_(head, args.nonzero, gen)
-        g = head.grouping
-        used = int(
-            fused.used_prototypes(g.member_index, g.weight * g.member_mask.unsqueeze(1), head.num_prototypes).sum()
-        )
+        used = int(head.grouping.used_prototypes().numel())
         with torch.no_grad():
             head.h_group.add_(0.01 * torch.randn(head.h_group.shape, generator=gen))
         head = head.to(args.device).eval()

@@ -73,7 +73,8 @@ def test_blockwise_logits_equal_the_plain_forward(name, block, monkeypatch):
 def test_grouped_head_skips_exactly_the_unused_prototypes():
     head = _heads()["grouped-ratio"].eval()
     g = head.grouping
-    used = fused.used_prototypes(g.member_index, g.weight * g.member_mask.unsqueeze(1), head.num_prototypes)
+    used = torch.zeros(head.num_prototypes, dtype=torch.bool)
+    used[g.used_prototypes()] = True
     dense = g.dense_weight(head.num_prototypes)
     assert torch.equal(used, dense.abs().sum(0) > 0)
     assert 0 < int(used.sum()) < head.num_prototypes  # the thresholding above leaves some prototypes unused

@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-_TINY = 1e-6  # the grouping layer's floor before the log of the 'geometric' form
+from scaleprotoseg.models.grouping import GEOMETRIC_FLOOR
+
 BLOCK_ELEMENTS = 1 << 23  # distances held at once: 8M floats (32 MB), so memory stays bounded on large images
 
 
@@ -79,9 +80,8 @@ def padded_layout(
     order = torch.argsort(prototype_scale * 2 + (~kept).long(), stable=True)  # by scale, kept ones first
     counts = torch.bincount(prototype_scale[kept], minlength=num_scales)
     m = max(int(counts.max()), 1) if len(counts) else 1
-    starts = torch.cumsum(torch.bincount(prototype_scale, minlength=num_scales), 0) - torch.bincount(
-        prototype_scale, minlength=num_scales
-    )
+    per_scale = torch.bincount(prototype_scale, minlength=num_scales)
+    starts = torch.cumsum(per_scale, 0) - per_scale
     scale_sorted = prototype_scale[order]
     rank = torch.arange(P, device=device) - starts[scale_sorted]  # rank within its scale, kept ones first
     slot = torch.full((P,), -1, dtype=torch.long, device=device)
@@ -112,15 +112,8 @@ def group_combine(
     def combine(act: torch.Tensor) -> torch.Tensor:
         g = act.index_select(0, flat).view(C, K, -1)
         if mode == "geometric":
-            g = g.clamp_min_(_TINY).log_()
+            g = g.clamp_min_(GEOMETRIC_FLOOR).log_()
         groups = torch.bmm(weight, g).exp_()  # (C, N, T)
         return last_layer @ groups.view(-1, g.shape[-1])
 
     return combine
-
-
-def used_prototypes(member_index: torch.Tensor, weight: torch.Tensor, num_prototypes: int) -> torch.Tensor:
-    """(P,) bool: the prototypes with a non-zero weight in some group (``weight`` (C, N, K), already masked)."""
-    used = torch.zeros(num_prototypes, dtype=torch.bool, device=member_index.device)
-    used[member_index[(weight != 0).any(dim=1)]] = True
-    return used

@@ -22,7 +22,7 @@ from torch import nn
 
 from scaleprotoseg.ops import project_simplex
 
-_TINY = 1e-6
+GEOMETRIC_FLOOR = 1e-6  # activations are floored here before the log of the 'geometric' form
 
 
 def membership_table(prototype_class: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +115,7 @@ class GroupingLayer(nn.Module):
         C, K = self.member_index.shape
         gathered = activations.index_select(1, self.member_index.reshape(-1)).view(B, C, K, h * w)
         if self.mode == "geometric":
-            gathered = torch.log(gathered.clamp_min(_TINY))
+            gathered = torch.log(gathered.clamp_min(GEOMETRIC_FLOOR))
         weight = self.weight * self._row_mask()
         log_groups = torch.einsum("cnk,bckx->bcnx", weight, gathered)
         return torch.exp(log_groups).reshape(B, C * self.groups_per_class, h, w)

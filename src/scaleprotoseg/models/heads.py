@@ -241,7 +241,8 @@ class PrototypeHead(nn.Module):
             if g is None:
                 return (*fused.padded_layout(layer.prototype_scale, self.num_scales), None, None)
             weight = g.weight.detach() * g.member_mask.unsqueeze(1)
-            used = fused.used_prototypes(g.member_index, weight, self.num_prototypes)
+            used = torch.zeros(self.num_prototypes, dtype=torch.bool, device=weight.device)
+            used[g.used_prototypes()] = True
             source, slot, m = fused.padded_layout(layer.prototype_scale, self.num_scales, used)
             index = slot[g.member_index].clamp_min(0)  # members no group uses have weight 0: any slot will do
             return source, slot, m, index, weight
