@@ -81,6 +81,8 @@ class LossConfig:
     l1_group: float = 1e-3  # off-class L1 on h_group (lambda_L1 of Eq. 9)
     jeffreys: Literal["half", "full"] = "half"  # half: 0.5 (KL(p||q) + KL(q||p)), the release; full: Eq. 4 as written
     msc_all_scales: bool = True  # with multi-scale inputs: CE on every scale's logits and on the fused ones
+    # features: labels downsampled to the feature grid (the paper); labels: logits up-sampled to the label size
+    ce_resolution: Literal["features", "labels"] = "features"
 
 
 @dataclass

@@ -10,7 +10,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from scaleprotoseg.ops import resize_labels
+from scaleprotoseg.ops import resize_labels, upsample_logits
+
+CE_RESOLUTIONS = ("features", "labels")
 
 
 def cross_entropy_on_grid(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -21,6 +23,25 @@ def cross_entropy_on_grid(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
     small = resize_labels(labels, tuple(logits.shape[-2:]))
     total = F.cross_entropy(logits, small, ignore_index=ignore_index, reduction="sum")
     return total / (small != ignore_index).sum().clamp_min(1)
+
+
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, resolution: str = "features"
+) -> torch.Tensor:
+    """The CE term of Eqs. 7 and 9 at the chosen resolution.
+
+    ``"features"``: labels downsampled to the logits' grid (:func:`cross_entropy_on_grid`; the paper and the authors'
+    release). ``"labels"``: logits up-sampled bilinearly to the label size, every labelled pixel counted (as the
+    evaluation scores them). At output stride 8 a 12-pixel object covers one or two grid cells, and the grid loss
+    cannot ask for its outline; ``docs/results/learning.md`` measures the difference.
+    """
+    if resolution == "features":
+        return cross_entropy_on_grid(logits, labels, ignore_index)
+    if resolution != "labels":
+        raise ValueError(f"CE resolution {resolution!r} is not known; expected one of {', '.join(CE_RESOLUTIONS)}")
+    full = upsample_logits(logits, tuple(labels.shape[-2:]))
+    total = F.cross_entropy(full, labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp_min(1)
 
 
 def member_table(
@@ -168,8 +189,9 @@ def compute_losses(
         if name not in LOSS_TERMS:
             raise ValueError(f"unknown loss term {name!r}; expected any of {', '.join(LOSS_TERMS)}")
     if "ce" in terms:
-        ces = [cross_entropy_on_grid(output.logits, labels, ignore_index)]
-        ces += [cross_entropy_on_grid(lg, labels, ignore_index) for lg in extra_logits]
+        res = loss_cfg.ce_resolution
+        ces = [cross_entropy(output.logits, labels, ignore_index, res)]
+        ces += [cross_entropy(lg, labels, ignore_index, res) for lg in extra_logits]
         out["ce"] = torch.stack(ces).mean()
         total = total + loss_cfg.ce * out["ce"]
     if "diversity" in terms and output.distances is not None:

@@ -135,12 +135,18 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Label maps (B, H, W) or (H, W): nearest neighbour, so that no new class values appear."""
+    """Label maps (B, H, W) or (H, W): nearest neighbour, so that no new class values appear.
+
+    Centre-aligned (PIL's NEAREST, the authors' release): output cell ``j`` takes the input pixel under its centre,
+    ``floor((j + 0.5) * H / h)``; for a feature grid of stride 8 that is pixel ``8j + 4``, the pixel the centred
+    feature grid sees. (PyTorch's ``mode="nearest"`` takes ``floor(j * H / h)``, the cell's top-left pixel: 3.5
+    pixels away from the cell centre at stride 8.)
+    """
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
     squeeze = labels.dim() == 2
     x = labels[None, None] if squeeze else labels[:, None]
-    out = F.interpolate(x.float(), size=tuple(size), mode="nearest").to(labels.dtype)
+    out = F.interpolate(x.float(), size=tuple(size), mode="nearest-exact").to(labels.dtype)
     return out[0, 0] if squeeze else out[:, 0]
 
 

@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="output directory (default: RUN/eval/<stage>-<split>)")
+    parser.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the majority-class and Otsu threshold baselines (baselines.json) on the same split",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--debug", action="store_true")
 
@@ -81,5 +86,38 @@ def run(args: argparse.Namespace) -> int:
     absent = [n for n, p in zip(info.class_names, res["present"]) if not p]
     if absent:
         print(f"absent from this split (not counted): {', '.join(absent)}")
+    if not args.no_baselines:
+        try:
+            summary["baselines"] = _baselines(d, dataset, res["miou"], out / "baselines.json", args.max_images, split)
+        except Exception as err:  # the model's results are written already; a baseline must not fail the command
+            if args.debug:
+                raise
+            print(f"baselines: not computed ({type(err).__name__}: {err})")
+        else:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"results in {out}")
     return 0
+
+
+def _baselines(
+    data_cfg, dataset, model_miou: float, path: Path, max_images: int, split: str
+) -> dict[str, float | None]:
+    """Score the baselines on the evaluated split, print the comparison, write ``path``; ``{name: mIoU}``."""
+    import dataclasses
+    import math
+
+    from scaleprotoseg.data.registry import build_dataset
+    from scaleprotoseg.evaluation.baselines import baseline_report
+
+    try:  # the images the model was trained on (max_train_samples), read whole without augmentation
+        train = build_dataset(
+            dataclasses.replace(data_cfg, max_val_samples=data_cfg.max_train_samples), data_cfg.train_split, train=False
+        )
+    except Exception as err:  # e.g. a test-only copy of the data: keep the baselines that need no training
+        print(f"baselines: no training split ({type(err).__name__}: {err}); only those that need no training")
+        train = None
+    extra = {"split": split, "train_split": data_cfg.train_split if train is not None else None}
+    results, lines = baseline_report(train, dataset, model_miou, path, max_images=max_images, extra=extra)
+    for line in lines:
+        print(line)
+    return {r.name: (r.miou if math.isfinite(r.miou) else None) for r in results}

@@ -227,6 +227,8 @@ class Trainer:
         if results and self.dist.is_main:
             self.export_final(results[-1].name)
         dist_utils.barrier()
+        if results and self.dist.is_main:  # after the last collective: the other ranks need not wait for it
+            self._report_baselines(results)
         return results
 
     def _run_stage(self, index: int, name: str, stage: StageConfig) -> StageResult:
@@ -486,6 +488,24 @@ class Trainer:
             if self.tb is not None:
                 self.tb.add_scalar(f"{stage}/val_miou", out["val_miou"], step or 0)
         return out
+
+    def _report_baselines(self, results: list[StageResult]) -> None:
+        """Print the validated model next to the trivial baselines; write ``baselines.json`` into the run root.
+        ``load_raw`` reads whole images without the training crops, so the training dataset serves as it is."""
+        from scaleprotoseg.evaluation.baselines import training_baseline_report
+
+        try:
+            train = self.train_dataset if hasattr(self.train_dataset, "load_raw") else self._projection_dataset()
+            _, lines = training_baseline_report(
+                train, self.val_dataset, results, self.run.root, split=self.cfg.data.val_split
+            )
+        except Exception as err:  # a convenience: it must not fail a finished run
+            lines = [f"WARNING: baselines not computed ({type(err).__name__}: {err})"]
+        for line in lines:
+            print(line)
+        warnings = [line for line in lines if line.startswith("WARNING")]
+        if warnings:
+            self.run.log_metrics({"event": "baseline_warning", "warnings": warnings})
 
     def export_final(self, stage: str) -> Path:
         """Write ``final/``: weights, meta, config, projection info and prototype patches; enough to predict and

