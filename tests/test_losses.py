@@ -111,6 +111,21 @@ def test_off_class_l1_touches_only_off_class_weights():
     assert torch.equal(w.grad[~own], torch.sign(w.detach()[~own]))
 
 
+def test_cross_entropy_on_the_label_grid_upsamples_the_logits():
+    logits = torch.randn(2, 3, 2, 2)
+    labels = torch.randint(0, 3, (2, 4, 4))
+    labels[0, 0] = 255
+    full = torch.nn.functional.interpolate(logits, size=(4, 4), mode="bilinear", align_corners=False)
+    ref = torch.nn.functional.cross_entropy(full, labels, ignore_index=255)  # mean over labelled pixels
+    assert torch.allclose(losses.cross_entropy(logits, labels, resolution="labels"), ref)
+    assert torch.allclose(
+        losses.cross_entropy(logits, labels, resolution="features"), losses.cross_entropy_on_grid(logits, labels)
+    )
+    assert losses.cross_entropy(logits, torch.full((2, 4, 4), 255), resolution="labels").item() == 0.0
+    with pytest.raises(ValueError, match="expected one of features, labels"):
+        losses.cross_entropy(logits, labels, resolution="pixels")
+
+
 def test_cross_entropy_on_grid_downsamples_labels_and_ignores_void():
     logits = torch.randn(1, 3, 2, 2)
     labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 255, 255]]])

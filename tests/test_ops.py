@@ -93,6 +93,15 @@ def test_multiscale_distances_compare_each_prototype_with_its_scale_only():
         assert torch.allclose(d6[:, i], ((zs - p6[i].view(1, D, 1, 1)) ** 2).sum(1), atol=1e-10)
 
 
+def test_resize_labels_is_centre_aligned():
+    # 16 pixels to 2 cells: each cell takes the pixel under its centre, 4 and 12 (PIL NEAREST), not 0 and 8
+    labels = torch.arange(16).view(1, 16).expand(16, 16)
+    assert ops.resize_labels(labels, (2, 2)).tolist() == [[4, 12], [4, 12]]
+    # 9 -> 3 cells: pixels 1, 4, 7 (cell centres at 1.5, 4.5, 7.5); up-sampling repeats each value
+    assert ops.resize_labels(torch.arange(9).view(1, 9), (1, 3)).tolist() == [[1, 4, 7]]
+    assert ops.resize_labels(torch.arange(3).view(1, 3), (1, 6)).tolist() == [[0, 0, 1, 1, 2, 2]]
+
+
 def test_resize_conventions():
     labels = torch.randint(0, 3, (2, 9, 9))
     labels[0, 0, 0] = 255

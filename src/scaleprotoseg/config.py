@@ -63,6 +63,7 @@ class ModelConfig:
     bn_momentum: float = 0.0  # 0: library default; EfficientNet-Lite0 trains best with a higher value (e.g. 0.01)
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     aspp_channels: int = 64  # D: prototype dimension (per scale for ScaleProtoSeg)
+    aspp_init_std: float = 0.01  # std of the ASPP weights at initialisation (DeepLabv2: 0.01)
     prototypes_per_class: int = 3  # per scale for ScaleProtoSeg (M), in total for ProtoSeg
     groups_per_class: int = 3  # N_c
     group_activation: Literal["ratio", "geometric"] = "ratio"  # see grouping.py

@@ -13,17 +13,21 @@ import pytest
 
 from scaleprotoseg.data.folder import FolderDataset, write_classes_yaml, write_sample, write_split
 from scaleprotoseg.evaluation.baselines import (
+    FOREST,
+    FOREST_SIGMAS,
     MAJORITY,
     OTSU,
     BaselineResult,
     baseline_report,
     compare_to_baselines,
     evaluate_baselines,
+    filter_features,
     fit_level_mapping,
     intensity_levels,
     majority_class,
     multi_otsu_thresholds,
     otsu_threshold,
+    pixel_forest_baseline,
     threshold_baseline,
     write_baselines,
 )
@@ -225,3 +229,36 @@ def test_threshold_baseline_on_nuclei_sample() -> None:
     results = {r.name: r for r in evaluate_baselines(train, val)}
     assert results[OTSU].miou > 0.8
     assert results[MAJORITY].iou[1] == 0.0  # background everywhere: no nucleus pixel right
+
+
+def test_filter_features_of_a_constant_image_and_a_step() -> None:
+    flat = np.full((20, 24, 3), 100, np.uint8)
+    feats = filter_features(flat)
+    assert feats.shape == (20, 24, 1 + 4 * len(FOREST_SIGMAS))  # grey: one channel's features
+    np.testing.assert_allclose(feats[..., 0], 100.0)
+    # per sigma: Gaussian = the value, gradient = DoG = 0 (scipy's reflecting border keeps a constant constant); the
+    # LoG is 0 up to its truncated kernel's sum (about 1 % of the value at sigma 0.7, less above)
+    for k in range(len(FOREST_SIGMAS)):
+        g, log, grad, dog = (feats[..., 1 + 4 * k + i] for i in range(4))
+        np.testing.assert_allclose(g, 100.0, rtol=1e-5)
+        np.testing.assert_allclose(np.stack([grad, dog]), 0.0, atol=1e-3)
+        assert np.abs(log).max() <= 1.0
+    colour = flat.copy()
+    colour[..., 1] = 50
+    assert filter_features(colour).shape[-1] == 3 * (1 + 4 * len(FOREST_SIGMAS))
+    step = np.zeros((16, 16, 3), np.uint8)
+    step[:, 8:] = 200
+    grad = filter_features(step)[..., 3]  # sigma 0.7 gradient magnitude: largest at the edge
+    assert grad[:, 7:9].min() > grad[:, :4].max() and grad[:, 7:9].min() > grad[:, 12:].max()
+
+
+def test_pixel_forest_learns_disks(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    # Disks darker than a bright textured background in one image and brighter in the other would fool a threshold;
+    # here: bright disks, so the forest must reach the threshold's perfect score up to a few edge pixels.
+    root = _write_set(tmp_path / "disks", {"train": _disks(4, 0), "val": _disks(3, 1)}, ["background", "disk"])
+    train, val = FolderDataset(root, "train"), FolderDataset(root, "val")
+    result = pixel_forest_baseline(train, val, samples=4000, trees=20, jobs=1)
+    assert result.name == FOREST and result.miou > 0.95
+    results = evaluate_baselines(train, val, forest=True)
+    assert [r.name for r in results] == [MAJORITY, OTSU, FOREST]

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -119,3 +121,19 @@ def test_msc_forward_max_fuses_on_the_unit_scale_grid():
     assert [tuple(o.logits.shape[-2:]) for o in outs] == [(4, 4), (6, 6), (8, 8)]
     assert fused.shape == (1, 3, 8, 8)
     assert torch.all(fused >= outs[2].logits - 1e-6)
+
+
+def test_aspp_init_std_sets_the_initial_scale():
+    from scaleprotoseg.models.aspp import ASPP
+
+    torch.manual_seed(0)
+    wide = ASPP(64, 5, (1, 2), init_std=0.01)
+    narrow = ASPP(64, 5, (1, 2), init_std=0.001)
+    for a, b in zip(wide.branches, narrow.branches):
+        assert abs(a.weight.std().item() - 0.01) < 1e-3 and abs(b.weight.std().item() - 0.001) < 1e-4
+        assert (a.bias == 0).all() and (b.bias == 0).all()
+    # at 1e-3 DeepLabv2 starts near chance on unit-scale inputs: CE close to log C
+    head = DeepLabV2Head(64, 5, (1, 2), init_std=0.001)
+    x = torch.randn(2, 64, 8, 8)
+    ce = torch.nn.functional.cross_entropy(head(x).logits, torch.randint(0, 5, (2, 8, 8)))
+    assert abs(ce.item() - math.log(5)) < 0.05

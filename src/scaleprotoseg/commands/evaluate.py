@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the majority-class and Otsu threshold baselines (baselines.json) on the same split",
     )
+    parser.add_argument(
+        "--forest",
+        action="store_true",
+        help="add the pixel-forest baseline (random forest on filter features; needs scikit-learn)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--debug", action="store_true")
 
@@ -88,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"absent from this split (not counted): {', '.join(absent)}")
     if not args.no_baselines:
         try:
-            summary["baselines"] = _baselines(d, dataset, res["miou"], out / "baselines.json", args.max_images, split)
+            summary["baselines"] = _baselines(
+                d, dataset, res["miou"], out / "baselines.json", args.max_images, split, args.forest
+            )
         except Exception as err:  # the model's results are written already; a baseline must not fail the command
             if args.debug:
                 raise
@@ -100,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _baselines(
-    data_cfg, dataset, model_miou: float, path: Path, max_images: int, split: str
+    data_cfg, dataset, model_miou: float, path: Path, max_images: int, split: str, forest: bool = False
 ) -> dict[str, float | None]:
     """Score the baselines on the evaluated split, print the comparison, write ``path``; ``{name: mIoU}``."""
     import dataclasses
@@ -117,7 +124,9 @@ def _baselines(
         print(f"baselines: no training split ({type(err).__name__}: {err}); only those that need no training")
         train = None
     extra = {"split": split, "train_split": data_cfg.train_split if train is not None else None}
-    results, lines = baseline_report(train, dataset, model_miou, path, max_images=max_images, extra=extra)
+    results, lines = baseline_report(
+        train, dataset, model_miou, path, max_images=max_images, extra=extra, forest=forest
+    )
     for line in lines:
         print(line)
     return {r.name: (r.miou if math.isfinite(r.miou) else None) for r in results}

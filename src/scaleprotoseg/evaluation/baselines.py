@@ -5,6 +5,10 @@
   RGB channels) with Otsu's method (multi-level Otsu for 3 classes), computed per image without training, and map the
   intensity levels (dark..bright) to the classes learned on the training split (for each level, the majority class of
   the training pixels that fall in it).
+* ``pixel forest`` (optional, needs scikit-learn: the ``baselines`` extra): the classic interactive pixel classifier of
+  bio-image tools. Per pixel, Gaussian smoothing, Laplacian of Gaussian, gradient magnitude and difference of
+  Gaussians at sigmas 0.7-10 of every channel (:func:`filter_features`); a random forest trained on pixels sampled
+  from the training split, class-balanced.
 
 Scores are computed like the model's evaluation: whole images at their original size, one confusion matrix summed over
 the split, ignore pixels excluded (see :mod:`scaleprotoseg.evaluation.miou`).
@@ -30,6 +34,9 @@ __all__ = [
     "baseline_report",
     "compare_to_baselines",
     "evaluate_baselines",
+    "filter_features",
+    "forest_available",
+    "pixel_forest_baseline",
     "fit_level_mapping",
     "grey_levels",
     "intensity_levels",
@@ -44,7 +51,9 @@ __all__ = [
 
 MAJORITY = "majority class"
 OTSU = "Otsu threshold"
+FOREST = "pixel forest"
 MAX_THRESHOLD_CLASSES = 3
+FOREST_SIGMAS = (0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -293,13 +302,14 @@ def _threshold_applies(datasets: Sequence[Any], num_classes: int) -> bool:
 
 
 def evaluate_baselines(
-    train_dataset: Any | None, eval_dataset: Any, *, max_images: int = 0, bins: int = 256
+    train_dataset: Any | None, eval_dataset: Any, *, max_images: int = 0, bins: int = 256, forest: bool = False
 ) -> list[BaselineResult]:
     """Score the baselines on (the first ``max_images`` images, 0: all, of) ``eval_dataset``.
 
     Always the majority class (when ``train_dataset`` is given); the Otsu threshold baseline for 2-class sets and
     3-class sets of grey images. ``train_dataset`` ``None`` (no training split available) keeps only what needs no
-    training: the threshold baseline with level k -> class k. Datasets are read with ``load_raw`` (no transform).
+    training: the threshold baseline with level k -> class k. ``forest`` adds the pixel forest (needs a training
+    split and scikit-learn). Datasets are read with ``load_raw`` (no transform).
     """
     info = eval_dataset.info
     c = info.num_classes
@@ -328,7 +338,96 @@ def evaluate_baselines(
         predictors[OTSU] = _threshold_predictor(mapping, bins)
         descriptions[OTSU] = _threshold_description(mapping, info.class_names, train_dataset is not None)
     metrics = _score(eval_dataset, predictors, max_images)
-    return [_result(name, metrics[name], descriptions[name]) for name in predictors]
+    results = [_result(name, metrics[name], descriptions[name]) for name in predictors]
+    if forest and train_dataset is not None:
+        results.append(pixel_forest_baseline(train_dataset, eval_dataset, max_images=max_images))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pixel classifier on filter features
+
+
+def filter_features(image: np.ndarray, sigmas: Sequence[float] = FOREST_SIGMAS) -> np.ndarray:
+    """(H, W, F) float32 filter responses of an (H, W, 3) image: the raw value, then per sigma Gaussian, Laplacian of
+    Gaussian, Gaussian gradient magnitude and difference of Gaussians (sigma vs 1.6 sigma). A grey image (equal
+    channels) gives the features of one channel, a colour image those of each channel."""
+    from scipy import ndimage
+
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = img[..., None]
+    same = img.shape[-1] == 1 or all(np.array_equal(img[..., 0], img[..., k]) for k in range(1, img.shape[-1]))
+    channels = [img[..., 0]] if same else [img[..., k] for k in range(img.shape[-1])]
+    feats = []
+    for ch in channels:
+        feats.append(ch)
+        for s in sigmas:
+            g = ndimage.gaussian_filter(ch, s)
+            feats += [
+                g,
+                ndimage.gaussian_laplace(ch, s),
+                ndimage.gaussian_gradient_magnitude(ch, s),
+                g - ndimage.gaussian_filter(ch, 1.6 * s),
+            ]
+    return np.stack(feats, axis=-1)
+
+
+def pixel_forest_baseline(
+    train_dataset: Any,
+    eval_dataset: Any,
+    *,
+    samples: int = 60_000,
+    trees: int = 100,
+    seed: int = 0,
+    max_images: int = 0,
+    jobs: int = -1,
+) -> BaselineResult:
+    """A random forest on :func:`filter_features`, trained on ``samples`` pixels drawn from the training split (an
+    equal share per class where a class has enough pixels), scored on ``eval_dataset`` like the model."""
+    try:
+        from sklearn.ensemble import RandomForestClassifier
+    except ImportError as err:
+        raise ImportError(
+            "the pixel forest baseline needs scikit-learn; install it with `pip install 'scaleprotoseg[baselines]'`"
+        ) from err
+    info = train_dataset.info
+    c, ignore = info.num_classes, info.ignore_index
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for k in range(len(train_dataset)):
+        image, label, _ = train_dataset.load_raw(k)
+        keep = _valid(label, c, ignore)
+        feats = filter_features(image)[keep]
+        xs.append(feats)
+        ys.append(label[keep])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if len(y) == 0:
+        raise ValueError("pixel_forest_baseline: the training split has no labelled pixels")
+    present = np.unique(y)
+    per_class = max(samples // len(present), 1)
+    picked = np.concatenate([rng.permutation(np.flatnonzero(y == cls))[:per_class] for cls in present])
+    forest = RandomForestClassifier(n_estimators=trees, n_jobs=jobs, random_state=seed, min_samples_leaf=2)
+    forest.fit(x[picked], y[picked])
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        feats = filter_features(image)
+        return forest.predict(feats.reshape(-1, feats.shape[-1])).reshape(image.shape[:2]).astype(np.int64)
+
+    metrics = _score(eval_dataset, {FOREST: predict}, max_images)[FOREST]
+    description = (
+        f"random forest ({trees} trees) on {x.shape[1]} filter responses per pixel (Gaussian, LoG, gradient "
+        f"magnitude, DoG at sigma {', '.join(f'{s:g}' for s in FOREST_SIGMAS)}), {len(picked)} class-balanced "
+        f"training pixels, seed {seed}"
+    )
+    return _result(FOREST, metrics, description)
+
+
+def forest_available() -> bool:
+    """Whether scikit-learn (needed by the pixel forest) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("sklearn") is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,13 +472,14 @@ def baseline_report(
     stage_mious: Mapping[str, float] | None = None,
     max_images: int = 0,
     extra: Mapping[str, Any] | None = None,
+    forest: bool = False,
 ) -> tuple[list[BaselineResult], list[str]]:
     """Evaluate the baselines, write them to ``path`` (with the model's mIoU) and return them with the lines to show.
 
     ``stage_mious`` (stage name -> validation mIoU of a train stage) adds a warning for every stage whose model is
     worse than predicting the majority class.
     """
-    results = evaluate_baselines(train_dataset, eval_dataset, max_images=max_images)
+    results = evaluate_baselines(train_dataset, eval_dataset, max_images=max_images, forest=forest)
     lines = compare_to_baselines(model_miou, results)
     majority = next((r for r in results if r.name == MAJORITY), None)
     if majority is not None and math.isfinite(majority.miou):

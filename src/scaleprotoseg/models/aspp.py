@@ -14,7 +14,10 @@ class ASPP(nn.Module):
 
     ``mode="sum"`` adds the branches (DeepLabv2, ProtoSeg); ``mode="concat"`` stacks them along channels, scale-major,
     so that channels ``[s*D, (s+1)*D)`` are the features of scale ``s`` (ScaleProtoSeg). Scale 0 is the smallest rate.
-    Weights are drawn from N(0, 0.01) and biases are 0, as in DeepLabv2.
+    Weights are drawn from N(0, ``init_std``) (0.01 in DeepLabv2) and biases are 0. The output's scale at
+    initialisation is ``init_std * sqrt(branches * 9 * in_channels) * feature scale``: 0.01 suits ReLU features of
+    unit scale, while the signed stage outputs of EfficientNet-Lite0 (std about 6) give DeepLabv2 logits of std 5 and a
+    CE of 4.3 for 2 classes at step 0 (``docs/results/learning.md``); the sample configs use 0.001.
     """
 
     def __init__(
@@ -23,6 +26,7 @@ class ASPP(nn.Module):
         out_channels: int,
         rates: Sequence[int] = (6, 12, 18, 24),
         mode: Literal["sum", "concat"] = "sum",
+        init_std: float = 0.01,
     ) -> None:
         super().__init__()
         if mode not in ("sum", "concat"):
@@ -34,7 +38,7 @@ class ASPP(nn.Module):
             nn.Conv2d(in_channels, out_channels, 3, padding=r, dilation=r, bias=True) for r in self.rates
         )
         for conv in self.branches:
-            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.normal_(conv.weight, mean=0.0, std=init_std)
             nn.init.zeros_(conv.bias)
 
     @property

@@ -11,6 +11,10 @@ Two forms of the group activation are offered (``mode``):
   activation of Eq. 1, i.e. the weighted geometric mean of the distance ratios (d + 1) / (d + eps); in [1, 1/eps].
 - ``"geometric"`` (Eq. 2 as printed): ``prod_m g_m ** w_m = exp(sum_m w_m * log g_m)``, the weighted geometric mean
   of the activations themselves; in (0, log(1/eps)].
+
+Initialisation follows the authors' release (a per-class ``nn.Linear(|P_c|, N_c)``): uniform in ``±1/sqrt(|P_c|)``,
+then projected on the simplex, which leaves part of each row at exactly 0. Training is projected gradient descent:
+the trainer calls :meth:`GroupingLayer.project_` after every optimizer step of a stage that trains the groups.
 """
 
 from __future__ import annotations
@@ -69,8 +73,17 @@ class GroupingLayer(nn.Module):
         self.register_buffer(
             "group_class", torch.arange(num_classes, device=index.device).repeat_interleave(groups_per_class)
         )
-        w = torch.rand(num_classes, groups_per_class, index.shape[1], device=index.device)
-        self.weight = nn.Parameter(self._project(w))
+        self.weight = nn.Parameter(self._project(self._linear_init()))
+
+    def _linear_init(self) -> torch.Tensor:
+        """Unprojected initial weights, as the release's per-class ``nn.Linear(|P_c|, N_c)``: uniform in
+        ``±1/sqrt(|P_c|)`` (PyTorch's default linear init, fan-in = the class's own prototype count, not the padded
+        width K). Drawn from the global RNG, so ``torch.manual_seed`` fixes it."""
+        C, K = self.member_mask.shape
+        size = self.member_mask.sum(-1).clamp_min(1).to(torch.float32)  # |P_c|
+        bound = size.rsqrt().view(C, 1, 1)
+        u = torch.rand(C, self.groups_per_class, K, device=self.member_mask.device)
+        return (2 * u - 1) * bound
 
     def _row_mask(self) -> torch.Tensor:
         return self.member_mask.unsqueeze(1).expand_as(self.weight)

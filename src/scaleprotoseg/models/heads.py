@@ -62,10 +62,12 @@ class DeepLabV2Head(nn.Module):
 
     method = "deeplabv2"
 
-    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24)) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24), init_std: float = 0.01
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.aspp = ASPP(in_channels, num_classes, rates, mode="sum")
+        self.aspp = ASPP(in_channels, num_classes, rates, mode="sum", init_std=init_std)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         return ModelOutput(logits=self.aspp(x))
@@ -103,6 +105,7 @@ class PrototypeHead(nn.Module):
         groups_per_class: int = 3,
         group_activation: Literal["ratio", "geometric"] = "ratio",
         eps: float = ACTIVATION_EPS,
+        init_std: float = 0.01,
     ) -> None:
         super().__init__()
         if method not in ("protoseg", "scaleprotoseg"):
@@ -111,7 +114,8 @@ class PrototypeHead(nn.Module):
         self.num_classes = num_classes
         self.groups_per_class = groups_per_class
         self.group_activation = group_activation
-        self.aspp = ASPP(in_channels, dim, rates, mode="concat" if method == "scaleprotoseg" else "sum")
+        mode = "concat" if method == "scaleprotoseg" else "sum"
+        self.aspp = ASPP(in_channels, dim, rates, mode=mode, init_std=init_std)
         self.num_scales = self.aspp.num_scales
         cls, scale = prototype_layout(num_classes, prototypes_per_class, self.num_scales)
         self.prototypes = PrototypeLayer(cls, scale, dim, self.num_scales, eps)

@@ -103,7 +103,9 @@ def build_model(model_cfg: Any, num_classes: int) -> Segmenter:
         **kwargs,
     )
     if model_cfg.method == "deeplabv2":
-        head: nn.Module = DeepLabV2Head(backbone.out_channels, num_classes, model_cfg.aspp_rates)
+        head: nn.Module = DeepLabV2Head(
+            backbone.out_channels, num_classes, model_cfg.aspp_rates, init_std=model_cfg.aspp_init_std
+        )
     elif model_cfg.method in ("protoseg", "scaleprotoseg"):
         head = PrototypeHead(
             backbone.out_channels,
@@ -115,6 +117,7 @@ def build_model(model_cfg: Any, num_classes: int) -> Segmenter:
             groups_per_class=model_cfg.groups_per_class,
             group_activation=model_cfg.group_activation,
             eps=model_cfg.activation_eps,
+            init_std=model_cfg.aspp_init_std,
         )
     else:
         raise ValueError(f"model.method {model_cfg.method!r}; expected scaleprotoseg, protoseg or deeplabv2")
