@@ -57,6 +57,20 @@ def test_scaleprotoseg_all_stages(synthetic_folder, tmp_path, tiny_config):
     assert (run / "final" / "projection.json").is_file() and (run / "config.yaml").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "validation" for r in records)
+    # every stage that trains the groups records how far it moved them (what the report's Groups table shows)
+    ends = {r["stage"]: r for r in records if r.get("event") == "stage_end"}
+    assert [n for n, r in ends.items() if "groups" in r] == ["group_warmup", "group_joint"]
+    gw_rec, gj_rec = ends["group_warmup"]["groups"], ends["group_joint"]["groups"]
+    assert gw_rec["h_group_change_max"] == 0.0 and gj_rec["h_group_change_max"] > 0  # h_group frozen, then trained
+    mask = gj["head.grouping.member_mask"].unsqueeze(1).expand_as(gj["head.grouping.weight"])
+    diff = (gj["head.grouping.weight"] - gw["head.grouping.weight"])[mask].abs()
+    assert gj_rec["weight_change_max"] == pytest.approx(float(diff.max()), abs=1e-7)
+    assert gj_rec["weight_change_mean"] == pytest.approx(float(diff.mean()), abs=1e-7)
+    assert gj_rec["weight_change_frobenius"] == pytest.approx(float(diff.norm()), abs=1e-6)
+    dh = (gj["head.h_group"] - gw["head.h_group"]).abs().max()
+    assert gj_rec["h_group_change_max"] == pytest.approx(float(dh), abs=1e-7)
+    assert gj_rec["entropy_before"] == pytest.approx(gw_rec["entropy_after"], abs=1e-7)
+    assert 0 < gw_rec["weight_change_max"] and 0 < gw_rec["entropy_before"] <= 1
     assert json.loads((run / "state.json").read_text())["completed"][-1] == "threshold"
 
 
@@ -99,6 +113,16 @@ def test_resume_mid_stage_gives_identical_weights(synthetic_folder, tmp_path, ti
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the group changes of the resumed stage are measured from its start, kept in the partial checkpoint
+    ends = [
+        {
+            r["stage"]: r
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r.get("event") == "stage_end"
+        }
+        for run in (full, part)
+    ]
+    assert ends[1]["group_joint"]["groups"] == ends[0]["group_joint"]["groups"]
 
 
 def test_nan_loss_stops_with_stage_and_step_and_keeps_checkpoint(synthetic_folder, tmp_path, tiny_config, monkeypatch):
@@ -130,3 +154,34 @@ def test_missing_file_fails_at_start_naming_it(synthetic_folder, tmp_path, tiny_
     with pytest.raises(FileNotFoundError, match=r"img03"):
         Trainer(tiny_config(synthetic_folder, "deeplabv2"), tmp_path / "run", device="cpu", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_group_change_hand_computed():
+    """Class 0 has two prototypes, class 1 one (so its second column is padding); one group per class."""
+    import math
+    from types import SimpleNamespace
+
+    from scaleprotoseg.engine.trainer import group_change, group_snapshot
+    from scaleprotoseg.models.grouping import GroupingLayer
+
+    grouping = GroupingLayer(torch.tensor([0, 0, 1]), 2, 1)
+    head = SimpleNamespace(grouping=grouping, h_group=torch.tensor([[1.0, -0.5], [-0.5, 1.0]]))
+    with torch.no_grad():
+        grouping.weight.copy_(torch.tensor([[[0.5, 0.5]], [[1.0, 0.0]]]))
+    start = group_snapshot(head)
+    with torch.no_grad():
+        grouping.weight.copy_(torch.tensor([[[0.8, 0.2]], [[1.0, 7.0]]]))  # 7: padding, must not count
+    head.h_group = head.h_group + torch.tensor([[0.0, 0.25], [-0.1, 0.0]])
+    got = group_change(start, head)
+    # |dw| over the members: 0.3, 0.3, 0
+    assert got["weight_change_max"] == pytest.approx(0.3)
+    assert got["weight_change_mean"] == pytest.approx(0.2)
+    assert got["weight_change_frobenius"] == pytest.approx(math.sqrt(0.18))
+    assert got["h_group_change_max"] == pytest.approx(0.25)
+
+    def ent(row, size):  # Eq. 8 per row, eps 1e-5 in the log, normalised by log |P_c| (1 for a single prototype)
+        return -sum(w * math.log(w + 1e-5) for w in row) / (math.log(size) if size > 1 else 1.0)
+
+    assert got["entropy_before"] == pytest.approx((ent([0.5, 0.5], 2) + ent([1.0], 1)) / 2, rel=1e-6)
+    assert got["entropy_after"] == pytest.approx((ent([0.8, 0.2], 2) + ent([1.0], 1)) / 2, rel=1e-6)
+    assert got["entropy_before"] == pytest.approx(0.5, abs=1e-4)  # a uniform row scores ~1, a one-hot row ~0

@@ -74,6 +74,12 @@ def test_report_images_and_links_resolve(scaleprotoseg_report):
     assert any(src.endswith("_graph.png") for src in refs.imgs)  # a group graph per class
     assert any("samples/" in src and "nearest_patches" in src for src in refs.imgs)
     assert "<th>active</th>" in html  # the analysis JSON's list of rows became a table
+    # the Groups table: one row per stage that trained the groups; its numbers stay out of the stage table
+    assert "<h3>Groups</h3>" in html and "<th>max |Δh_group|</th>" in html
+    assert "<td>group_warmup</td>" in html.split("<h3>Groups</h3>")[1].split("</table>")[0]
+    assert "groups.entropy_before" not in html
+    # the tiny run's 2 + 2 group steps at lr 2.5e-4 cannot move the groups: the report says so
+    assert "close to their random initialisation" in html
 
 
 def test_report_renders_in_headless_chromium(scaleprotoseg_report, tmp_path):
@@ -138,3 +144,28 @@ def test_render_json_tables_and_escaping():
     assert '<td class="num">4</td>' in html
     assert "<h5>x</h5>" in html
     assert render_json([]) == '<p class="note">(empty)</p>'
+
+
+def test_groups_table_rows_and_barely_moved_note():
+    from scaleprotoseg.explain.report import _groups_table
+
+    stages = [("joint", None), ("group_warmup", None), ("group_joint", None)]
+    rec = {
+        "entropy_before": 0.71,
+        "entropy_after": 0.48,
+        "weight_change_mean": 0.125,
+        "weight_change_max": 0.53,
+        "weight_change_frobenius": 1.55,
+        "h_group_change_max": 0.0,
+    }
+    ends = {"joint": {"loss": {"ce": 1.0}}, "group_warmup": {"groups": rec}, "group_joint": {"groups": rec}}
+    html = _groups_table(ends, stages)
+    headers = ["stage", "entropy before", "entropy after", "mean |Δw|", "max |Δw|", "‖Δw‖_F", "max |Δh_group|"]
+    assert "".join(f"<th>{h}</th>" for h in headers) in html
+    assert "<tr><td>group_warmup</td>" in html and "<tr><td>group_joint</td>" in html and "<td>joint</td>" not in html
+    assert '<td class="num">0.125</td><td class="num">0.53</td>' in html
+    assert "random initialisation" not in html
+    small = {**rec, "weight_change_max": 0.03}
+    html = _groups_table({"group_warmup": {"groups": small}, "group_joint": {"groups": small}}, stages)
+    assert "no group weight by more than 0.06" in html and "random initialisation" in html
+    assert _groups_table({"joint": {"loss": {}}}, stages) == ""

@@ -33,7 +33,7 @@ from scaleprotoseg.engine.checkpoint import (
 )
 from scaleprotoseg.engine.optim import build_optimizer, build_scheduler
 from scaleprotoseg.engine.sampler import KeyedDataset, StreamSampler
-from scaleprotoseg.losses import compute_losses
+from scaleprotoseg.losses import compute_losses, group_entropy_loss
 from scaleprotoseg.models.segmenter import Segmenter, build_model, msc_forward
 
 
@@ -63,6 +63,31 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _stage_seed(seed: int, stage_index: int) -> int:
     return int(seed) * 1000 + stage_index
+
+
+def group_snapshot(head: Any) -> dict[str, torch.Tensor]:
+    """Copies of the group weights w_g (Eq. 2) and of h_group, to measure what a stage changes."""
+    return {"weight": head.grouping.weight.detach().clone(), "h_group": head.h_group.detach().clone()}
+
+
+def group_change(start: dict[str, torch.Tensor], head: Any) -> dict[str, float]:
+    """How far a stage moved the groups from ``start`` (:func:`group_snapshot`): max and mean |Δw| over the class
+    members (padding excluded), the Frobenius norm of Δw, the mean normalised row entropy (Eq. 8, normalised as
+    :func:`~scaleprotoseg.losses.group_entropy_loss`) before and after, and max |Δh_group|."""
+    mask = head.grouping.member_mask
+    w0, w1 = start["weight"].to(mask.device), head.grouping.weight.detach()
+    members = mask.unsqueeze(1).expand_as(w1)
+    diff = (w1 - w0) * members
+    d = diff[members].abs()
+    dh = (head.h_group.detach() - start["h_group"].to(mask.device)).abs()
+    return {
+        "entropy_before": float(group_entropy_loss(w0, mask)),
+        "entropy_after": float(group_entropy_loss(w1, mask)),
+        "weight_change_mean": float(d.mean()) if d.numel() else 0.0,
+        "weight_change_max": float(d.max()) if d.numel() else 0.0,
+        "weight_change_frobenius": float(torch.linalg.vector_norm(diff)),
+        "h_group_change_max": float(dh.max()) if dh.numel() else 0.0,
+    }
 
 
 def environment_info(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
@@ -274,6 +299,10 @@ class Trainer:
             train_state = self.load_stage_checkpoint(name, partial=True)
             start_step = int(train_state["step"])
             consumed = int(train_state["samples_consumed"])
+        group_start = None  # the groups at the start of the stage (kept in the partial checkpoint to survive a resume)
+        if "groups" in stage.trainable and getattr(head, "grouping", None) is not None:
+            saved = (train_state or {}).get("group_start")
+            group_start = saved if saved is not None else group_snapshot(head)
         unknown = model.set_trainable(stage.trainable)
         if unknown:
             raise ValueError(f"stage {name}: the {model.method} model has no parameter group(s) {', '.join(unknown)}")
@@ -346,7 +375,7 @@ class Trainer:
                     step_terms[k] = step_terms.get(k, 0.0) + float(v.detach()) / stage.accumulation
             optimizer.step()
             scheduler.step()
-            if getattr(head, "grouping", None) is not None and "groups" in stage.trainable:
+            if group_start is not None:
                 head.grouping.project_()  # projected gradient: rows back on the simplex after every step
             for k, v in step_terms.items():
                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
@@ -383,6 +412,8 @@ class Trainer:
                         "scheduler": scheduler.state_dict(),
                         "rng": torch.get_rng_state(),
                     }
+                    if group_start is not None:
+                        state["group_start"] = group_start
                     write_checkpoint(self.run.partial_dir(name), model, self._meta(name, done), state)
                     self.run.write_state({**self.run.read_state(), "current": {"stage": name, "step": done}})
                 dist_utils.barrier()
@@ -392,7 +423,10 @@ class Trainer:
         bar.close()
         del batches
         model.set_trainable([])
-        return {"steps": stage.steps, "loss": {k: round(v, 6) for k, v in running.items()}}
+        metrics: dict[str, Any] = {"steps": stage.steps, "loss": {k: round(v, 6) for k, v in running.items()}}
+        if group_start is not None:
+            metrics["groups"] = group_change(group_start, head)
+        return metrics
 
     def _last_good(self, stage: str) -> str:
         partial = recover_dir(self.run.partial_dir(stage))

@@ -122,7 +122,7 @@ def _summary(run: Path, predictor: Any, out: Path) -> str:
     metric_keys: list[str] = []
     for n, _ in stages:
         for k in _flatten(ends.get(n, {})):
-            if k not in ("stage", "kind", "event", "steps") and k not in metric_keys:
+            if k not in ("stage", "kind", "event", "steps") and not k.startswith("groups.") and k not in metric_keys:
                 metric_keys.append(k)
     rows = []
     for n, s in stages:
@@ -138,9 +138,47 @@ def _summary(run: Path, predictor: Any, out: Path) -> str:
         )
     body.append("<h3>Training stages</h3>")
     body.append(table(["stage", "kind", "steps", "status", *metric_keys], rows))
+    body.append(_groups_table(ends, stages))
     curves = _training_curves(records, stages, out / "assets" / "training_curves.png")
     if curves:
         body.append(f'<div class="figs">{figure(curves, "training loss per step and validation mIoU per stage")}</div>')
+    return "".join(body)
+
+
+# (header, key of the ``groups`` record the trainer writes into a group stage's stage_end metrics)
+_GROUP_COLUMNS = (
+    ("entropy before", "entropy_before"),
+    ("entropy after", "entropy_after"),
+    ("mean |Δw|", "weight_change_mean"),
+    ("max |Δw|", "weight_change_max"),
+    ("‖Δw‖_F", "weight_change_frobenius"),
+    ("max |Δh_group|", "h_group_change_max"),
+)
+_GROUPS_BARELY_MOVED = 0.1  # below this bound on every |Δw| since the initialisation, the groups are flagged
+
+
+def _groups_table(ends: dict[str, dict[str, Any]], stages: list[tuple[str, Any]]) -> str:
+    """The "Groups" table: per stage that trained the groups, the mean normalised row entropy (Eq. 8) before and
+    after it, how far the group weights w_g moved (mean and max |Δw| over the class members, Frobenius norm) and
+    max |Δh_group|. A note when all group stages together moved no weight by ``_GROUPS_BARELY_MOVED`` or more."""
+    recs = [(n, ends[n]["groups"]) for n, _ in stages if isinstance(ends.get(n, {}).get("groups"), dict)]
+    if not recs:
+        return ""
+    rows = [[n, *[g.get(k) for _, k in _GROUP_COLUMNS]] for n, g in recs]
+    body = [
+        "<h3>Groups</h3>",
+        "<p>Per stage that trained the group weights w<sub>g</sub> (Eq. 2): the mean entropy of the group rows "
+        "normalised by log |P<sub>c</sub>| (Eq. 8; 1 = uniform, 0 = one prototype) before and after the stage, and "
+        "how far the stage moved w<sub>g</sub> (over the class members) and h<sub>group</sub>.</p>",
+        table(["stage", *[h for h, _ in _GROUP_COLUMNS]], rows),
+    ]
+    moved = [g.get("weight_change_max") for _, g in recs]
+    if all(isinstance(v, (int, float)) for v in moved) and sum(moved) < _GROUPS_BARELY_MOVED:
+        body.append(
+            f'<p class="note">The group stages together moved no group weight by more than {fmt(sum(moved), 3)} '
+            "from its initialisation: the groups shown under <i>Prototypes and groups</i> are close to their random "
+            "initialisation, not learned (raise the groups' learning rate or the number of steps).</p>"
+        )
     return "".join(body)
 
 
