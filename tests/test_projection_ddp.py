@@ -42,7 +42,9 @@ def _model() -> Segmenter:
 
 
 def _dataset() -> list[dict]:
-    g = torch.Generator().manual_seed(1)
+    # seed 3: images 0 (and so its copy 3) and 1, 2, 4 all hold some prototype's nearest cell, so the tie between
+    # the shards is exercised (with seed 1 and centre-aligned label sampling, image 0 won none)
+    g = torch.Generator().manual_seed(3)
     items = []
     for i, (h, w) in enumerate(SIZES):
         label = torch.randint(0, C, (h, w), generator=g)

@@ -55,6 +55,8 @@ def test_alignment_under_random_scale_crop_flip():
             for dx in (0, 1, 2):
                 same &= pad[dy : dy + 40, dx : dx + 40] == lab_np
         ok = same & (lab_np != 255)
+        # the crop's outermost pixels: their neighbourhood continues outside the crop, where the check cannot look
+        ok[0, :] = ok[-1, :] = ok[:, 0] = ok[:, -1] = False
         assert ok.sum() > 100
         err = np.abs(rgb[ok] - COLORS[lab_np[ok]]).max()
         assert err <= 2, (seed, err)
