@@ -526,10 +526,12 @@ class Trainer:
     def _report_baselines(self, results: list[StageResult]) -> None:
         """Print the validated model next to the trivial baselines; write ``baselines.json`` into the run root.
         ``load_raw`` reads whole images without the training crops, so the training dataset serves as it is."""
+        from scaleprotoseg.data.base import SegmentationDataset
         from scaleprotoseg.evaluation.baselines import training_baseline_report
 
         try:
-            train = self.train_dataset if hasattr(self.train_dataset, "load_raw") else self._projection_dataset()
+            own = isinstance(self.train_dataset, SegmentationDataset)
+            train = self.train_dataset if own else self._projection_dataset()
             _, lines = training_baseline_report(
                 train, self.val_dataset, results, self.run.root, split=self.cfg.data.val_split
             )

@@ -384,7 +384,8 @@ def pixel_forest_baseline(
     jobs: int = -1,
 ) -> BaselineResult:
     """A random forest on :func:`filter_features`, trained on ``samples`` pixels drawn from the training split (an
-    equal share per class where a class has enough pixels), scored on ``eval_dataset`` like the model."""
+    equal share per class where a class has enough pixels; memory bounded by ``samples``, not by the split), scored
+    on ``eval_dataset`` like the model."""
     try:
         from sklearn.ensemble import RandomForestClassifier
     except ImportError as err:
@@ -393,20 +394,23 @@ def pixel_forest_baseline(
         ) from err
     info = train_dataset.info
     c, ignore = info.num_classes, info.ignore_index
+    counts, _ = _train_counts(train_dataset, None)  # a pass over the labels only
+    if counts.sum() == 0:
+        raise ValueError("pixel_forest_baseline: the training split has no labelled pixels")
+    per_class = max(samples // int((counts > 0).sum()), 1)
+    # Each labelled pixel of class k is kept with probability min(1, 1.2 * per_class / count_k), so that only about
+    # `samples` feature rows are ever held, whatever the size of the split; a class is then cut to per_class rows.
+    keep_prob = np.minimum(1.0, 1.2 * per_class / np.maximum(counts, 1))
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for k in range(len(train_dataset)):
         image, label, _ = train_dataset.load_raw(k)
         keep = _valid(label, c, ignore)
-        feats = filter_features(image)[keep]
-        xs.append(feats)
+        keep &= rng.random(label.shape) < keep_prob[np.clip(label, 0, c - 1)]
+        xs.append(filter_features(image)[keep])
         ys.append(label[keep])
     x, y = np.concatenate(xs), np.concatenate(ys)
-    if len(y) == 0:
-        raise ValueError("pixel_forest_baseline: the training split has no labelled pixels")
-    present = np.unique(y)
-    per_class = max(samples // len(present), 1)
-    picked = np.concatenate([rng.permutation(np.flatnonzero(y == cls))[:per_class] for cls in present])
+    picked = np.concatenate([rng.permutation(np.flatnonzero(y == cls))[:per_class] for cls in np.unique(y)])
     forest = RandomForestClassifier(n_estimators=trees, n_jobs=jobs, random_state=seed, min_samples_leaf=2)
     forest.fit(x[picked], y[picked])
 
