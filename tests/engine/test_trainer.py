@@ -161,7 +161,7 @@ def test_group_change_hand_computed():
     import math
     from types import SimpleNamespace
 
-    from scaleprotoseg.engine.trainer import group_change, group_snapshot
+    from scaleprotoseg.engine.group_stats import group_change, group_snapshot
     from scaleprotoseg.models.grouping import GroupingLayer
 
     grouping = GroupingLayer(torch.tensor([0, 0, 1]), 2, 1)

@@ -173,9 +173,9 @@ def _and_batch(prototypes: torch.Tensor, gen: torch.Generator, n: int = 8, size:
 def _train_groups(seed: int, lr: float, lr_h: float | None = None, warmup: int = 50, joint: int = 100):
     """Two group stages as in the sample recipes (Adam at constant learning rates: the groups alone, then the groups
     and h_group; the simplex projection after every step) on a frozen prototype head fed with :func:`_and_batch`
-    features. Returns class 1's best (A, B) weight pair and :func:`~scaleprotoseg.engine.trainer.group_change`."""
+    features. Returns class 1's best (A, B) weight pair and :func:`~scaleprotoseg.engine.group_stats.group_change`."""
     from scaleprotoseg.config import StageConfig
-    from scaleprotoseg.engine.trainer import group_change, group_snapshot
+    from scaleprotoseg.engine.group_stats import group_change, group_snapshot
     from scaleprotoseg.models.heads import PrototypeHead
 
     torch.manual_seed(seed)
