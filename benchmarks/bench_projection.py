@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from scaleprotoseg.config import ModelConfig
 from scaleprotoseg.models.segmenter import build_model
-from scaleprotoseg.projection import project_prototypes
+from scaleprotoseg.prototypes.projection import project_prototypes
 
 IGNORE = 255
 

@@ -8,7 +8,7 @@ trainable for each method, then the interpretable methods' own extra stages). Re
 mIoU mean and sample std over the seeds (the final stage's whole-image validation), prototypes after projection (after
 duplicate removal) and after grouping + thresholding (ScaleProtoSeg: ``prototypes_used``) or after pruning (ProtoSeg),
 both from the ``stage_end`` records of ``metrics.jsonl``, and the sparsity score of Tables 3-4 (active prototypes per
-class with |last-layer weight| >= 0.005, from the final checkpoint via ``predict.load_run_model`` and
+class with |last-layer weight| >= 0.005, from the final checkpoint via ``checkpoint.load_model`` and
 ``analysis.sparsity.active_prototypes_per_class``).
 
 Budget (2-core CPU, measured with other jobs running): one seed of nuclei (30 training images of 256-512 pixels, 12
@@ -79,7 +79,9 @@ def overrides_for(config: Path, data_root: Path, seed: int, quick: bool) -> list
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    from scaleprotoseg.rundir import RunDir
+
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -88,9 +90,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def sparsity(run_dir: Path) -> float | None:
     """Active prototypes per class (|last-layer weight| >= 0.005) of the final model; None for DeepLabv2."""
     from scaleprotoseg.analysis.sparsity import active_prototypes_per_class
-    from scaleprotoseg.predict import load_run_model
+    from scaleprotoseg.checkpoint import load_model
 
-    model, _, _ = load_run_model(run_dir, device="cpu")
+    model = load_model(run_dir, device="cpu").model
     head = model.head
     if not hasattr(head, "prototype_class"):
         return None

@@ -93,8 +93,9 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory):
     """``{"root", "scaleprotoseg", "protoseg"}``: the synthetic folder dataset and two tiny trained runs, shared by
-    the prediction, explanation and analysis tests."""
+    the prediction, explanation and analysis tests (with the nearest patches ``scaleprotoseg train`` exports)."""
     from scaleprotoseg.engine.trainer import Trainer
+    from scaleprotoseg.explain.nearest import export_final_nearest
 
     base = tmp_path_factory.mktemp("trained_runs")
     root = write_synthetic_folder(base / "synthetic")
@@ -104,5 +105,6 @@ def trained_runs(tmp_path_factory):
         torch.manual_seed(0)
         run = base / f"run_{method}"
         Trainer(make_tiny_config(root, method), run, device="cpu", progress=False).run_stages()
+        export_final_nearest(run)
         out[method] = run
     return out

@@ -6,97 +6,40 @@ class names, palette, normalisation and the head's structure are stored beside t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from scaleprotoseg.config import Config, load_config
-from scaleprotoseg.engine.checkpoint import load_weights, read_checkpoint
+from scaleprotoseg.checkpoint import CheckpointMeta, load_model
+from scaleprotoseg.config import Config
 from scaleprotoseg.engine.distributed import resolve_device
 from scaleprotoseg.models.heads import ModelOutput
-from scaleprotoseg.models.segmenter import Segmenter, build_model
-
-
-@dataclass
-class RunInfo:
-    """What a checkpoint says about itself (meta.json)."""
-
-    method: str
-    stage: str
-    class_names: list[str]
-    palette: np.ndarray
-    ignore_index: int
-    normalization: str
-    output_stride: int
-    structure: dict[str, Any]
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> RunInfo:
-        return cls(
-            method=meta["method"],
-            stage=meta.get("stage", ""),
-            class_names=list(meta["class_names"]),
-            palette=np.asarray(meta["palette"], dtype=np.uint8).reshape(-1, 3),
-            ignore_index=int(meta["ignore_index"]),
-            normalization=meta.get("normalization", "imagenet"),
-            output_stride=int(meta.get("output_stride", 8)),
-            structure=meta["structure"],
-        )
-
-
-def checkpoint_dir(run: str | Path, stage: str | None = None) -> Path:
-    """``final/`` of a run, or ``checkpoints/<stage>/`` when ``stage`` is given."""
-    run = Path(run)
-    if not run.is_dir():
-        raise FileNotFoundError(f"run directory {run} does not exist")
-    if stage is None or stage == "final":
-        d = run / "final"
-        if not (d / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{d} has no model.safetensors; has training finished? (try --stage NAME)")
-        return d
-    d = run / "checkpoints" / stage
-    if not d.is_dir():
-        have = sorted(p.name for p in (run / "checkpoints").glob("*") if p.is_dir())
-        raise FileNotFoundError(f"{run} has no checkpoint for stage {stage!r}; it has: {', '.join(have) or 'none'}")
-    return d
-
-
-def load_run_model(
-    run: str | Path, stage: str | None = None, device: str | torch.device = "cpu"
-) -> tuple[Segmenter, Config, RunInfo]:
-    """Rebuild a run's model from its checkpoint; pretrained backbone files are not needed (weights are stored)."""
-    run = Path(run)
-    ckpt = checkpoint_dir(run, stage)
-    cfg_path = ckpt / "config.yaml" if (ckpt / "config.yaml").is_file() else run / "config.yaml"
-    cfg = load_config(cfg_path)
-    cfg.model.pretrained = None
-    weights, meta, _ = read_checkpoint(ckpt)
-    info = RunInfo.from_meta(meta)
-    model = build_model(cfg.model, len(info.class_names))
-    model.apply_structure(info.structure)
-    load_weights(model, weights, str(ckpt))
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    model.to(dev).eval()
-    return model, cfg, info
+from scaleprotoseg.models.segmenter import Segmenter
 
 
 class Predictor:
     """Segment and explain images with a trained run."""
 
     def __init__(
-        self, model: Segmenter, cfg: Config, info: RunInfo, device: torch.device, run_dir: Path | None = None
+        self,
+        model: Segmenter,
+        cfg: Config,
+        info: CheckpointMeta,
+        device: torch.device,
+        run_dir: Path | None = None,
+        stage: str | None = None,
     ) -> None:
         self.model, self.cfg, self.info, self.device = model, cfg, info, device
         self.run_dir = run_dir  # the run the weights came from (its final/ holds prototype patches)
+        self.stage = stage  # the checkpoint: None for final/
 
     @classmethod
     def from_run(cls, run: str | Path, stage: str | None = None, device: str = "cpu") -> Predictor:
+        """The model of ``final/`` (or of ``stage``'s checkpoint) of ``run`` on ``device`` (``auto``, ``cpu``, ...)."""
         dev = resolve_device(device)
-        model, cfg, info = load_run_model(run, stage, dev)
-        return cls(model, cfg, info, dev, Path(run))
+        loaded = load_model(run, stage, dev)
+        return cls(loaded.model, loaded.config, loaded.meta, dev, Path(run), stage)
 
     @property
     def class_names(self) -> list[str]:

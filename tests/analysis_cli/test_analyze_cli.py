@@ -9,8 +9,8 @@ import torch
 
 from scaleprotoseg.analysis.results import jsonable
 from scaleprotoseg.analysis.runner import METRICS
+from scaleprotoseg.checkpoint import load_model
 from scaleprotoseg.cli import main
-from scaleprotoseg.predict import load_run_model
 
 
 def _json(path):
@@ -74,10 +74,10 @@ def test_analyze_all_scaleprotoseg(tiny_runs, capsys):
     assert steps[("initial", None)]["prototypes"] == _stage_end(run, "projection")["prototypes_before"]
     assert steps[("project", None)]["prototypes"] == len(meta["structure"]["prototype_class"])
     assert steps[("project", None)]["miou"] == pytest.approx(100 * _stage_end(run, "projection")["val_miou"])
-    model, _, _ = load_run_model(run, "group_joint", "cpu")
+    model = load_model(run, "group_joint").model
     counts = []
     for alpha in (0.0, 0.05, 0.1):
-        grouping = load_run_model(run, "group_joint", "cpu")[0].head.grouping
+        grouping = load_model(run, "group_joint").model.head.grouping
         grouping.threshold_(alpha)
         w = grouping.weight.detach()
         kept = (w > 0) & grouping.member_mask.unsqueeze(1)
@@ -91,7 +91,7 @@ def test_analyze_all_scaleprotoseg(tiny_runs, capsys):
     assert len(_csv(out / "prototypes.csv")) == 5
 
     # sparsity (Tables 3-4, 10): a direct computation on the final head
-    final, _, _ = load_run_model(run, None, "cpu")
+    final = load_model(run).model
     head = final.head
     W = head.h_group.detach().numpy()
     dense = head.grouping.dense_weight(head.num_prototypes).numpy()
@@ -152,7 +152,7 @@ def test_analyze_all_protoseg(tiny_runs, capsys):
         assert proto[step]["miou"] == pytest.approx(100 * _stage_end(run, stage)["val_miou"])
     assert proto["project"]["prototypes"] >= proto["pruned"]["prototypes"] == proto["finetuned"]["prototypes"]
 
-    head = load_run_model(run, None, "cpu")[0].head
+    head = load_model(run).model.head
     W = head.h_proto.detach().numpy()
     sp = _json(out / "sparsity.json")
     assert sp["last_layer"] == "h_proto" and sp["sparsity"] == pytest.approx(_direct_sparsity(W).mean())

@@ -242,13 +242,14 @@ def test_cli_explain(explain_runs, tmp_path):
 
 
 def test_deeplabv2_gets_the_prediction_only(tmp_path, swap_label):
+    from scaleprotoseg.checkpoint import CheckpointMeta
     from scaleprotoseg.config import load_config
     from scaleprotoseg.models.segmenter import build_model
-    from scaleprotoseg.predict import Predictor, RunInfo
+    from scaleprotoseg.predict import Predictor
 
     cfg = load_config(None, ["model.method=deeplabv2", "model.backbone=resnet18", "model.aspp_rates=[1, 2]"])
     model = build_model(cfg.model, 3).eval()
-    info = RunInfo(
+    info = CheckpointMeta(
         "deeplabv2",
         "train",
         ["a", "b", "c"],

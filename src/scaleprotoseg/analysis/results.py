@@ -99,7 +99,7 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def write_result(result: MetricResult, out_dir: str | Path) -> dict[str, Path]:
     """Write ``<metric>.json``, ``<metric>.csv`` and (when there is a figure) ``<metric>.png`` into ``out_dir``."""
-    from scaleprotoseg.engine.checkpoint import atomic_write_text
+    from scaleprotoseg.rundir import atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

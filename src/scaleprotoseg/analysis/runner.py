@@ -17,7 +17,6 @@ Metrics (paper section 4.2 and supplement 9-12):
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 
 from scaleprotoseg.analysis.results import MetricResult
 from scaleprotoseg.analysis.stability import NOISE_STD
+from scaleprotoseg.checkpoint import CheckpointMeta, load_model
+from scaleprotoseg.rundir import RunDir
 
 METRICS = ("sparsity", "prototypes", "consistency", "stability", "components", "group-overlap", "equivariance")
 CONSISTENCY_PERCENTILES = (70.0, 80.0, 90.0)
@@ -79,12 +80,11 @@ class Analyzer:
     """A trained run (``final/`` or ``options.stage``) and the per-metric drivers (see the module docstring)."""
 
     def __init__(self, run: str | Path, device: torch.device, options: AnalysisOptions | None = None) -> None:
-        from scaleprotoseg.predict import load_run_model
-
         self.run = Path(run)
         self.device = device
         self.opts = options or AnalysisOptions()
-        self.model, self.cfg, self.info = load_run_model(self.run, self.opts.stage, device)
+        loaded = load_model(self.run, self.opts.stage, device)
+        self.model, self.cfg, self.info = loaded.model, loaded.config, loaded.meta
         if self.opts.data_root:
             self.cfg.data.root = self.opts.data_root
         self.cfg.data.max_val_samples = 0  # a training-time shortcut; analyses take --max-images
@@ -376,18 +376,16 @@ class Analyzer:
         return 100.0 * float(res["miou"])
 
     def _is_grouped(self, stage: str) -> bool:
-        meta = json.loads((self.run / "checkpoints" / stage / "meta.json").read_text())
-        return bool(meta.get("structure", {}).get("grouped"))
+        return bool(CheckpointMeta.read(RunDir(self.run).checkpoint(stage).meta).structure.get("grouped"))
 
     def prototypes(self) -> MetricResult:
         """Prototype counts and val mIoU per step (Table 2) and per group threshold alpha (Table 7)."""
         from scaleprotoseg.analysis.sparsity import prototype_counts
         from scaleprotoseg.models.prototypes import prototype_layout
-        from scaleprotoseg.predict import load_run_model
 
         self._need_prototypes()
         stages = self._stage_names()
-        have = [(n, k) for n, k in stages if (self.run / "checkpoints" / n / "model.safetensors").is_file()]
+        have = [(n, k) for n, k in stages if RunDir(self.run).checkpoint(n).weights.is_file()]
         kinds = dict(have)
         split = self.split()
         ds = self.dataset(split)
@@ -436,7 +434,7 @@ class Analyzer:
 
         for name, kind in have:
             if kind in ("projection", "pruning"):
-                model, _, _ = load_run_model(self.run, name, self.device)
+                model = load_model(self.run, name, self.device).model
                 step = "project" if kind == "projection" else "pruned"
                 add(step, name, model.head.num_prototypes, self._evaluate(model, ds), per_class=per_class(model))
         missing = [n for n, k in stages if k in ("projection", "pruning") and n not in kinds]
@@ -456,7 +454,7 @@ class Analyzer:
                 if source is not None:
                     notes.append(f"no checkpoint just before the threshold stage; alphas applied to {source}")
             if source is not None and self._is_grouped(source):
-                base, _, _ = load_run_model(self.run, source, self.device)
+                base = load_model(self.run, source, self.device).model
                 grouping = base.head.grouping
                 counts = prototype_counts(grouping.weight.detach().cpu(), grouping.member_mask.cpu(), GROUP_ALPHAS)
                 for alpha in GROUP_ALPHAS:
@@ -480,7 +478,7 @@ class Analyzer:
             last = next((n for n, k in reversed(have) if k == "train"), None)
             pruning = next((n for n, k in stages if k == "pruning"), None)
             if last is not None and pruning is not None and names.index(last) > names.index(pruning):
-                model, _, _ = load_run_model(self.run, last, self.device)
+                model = load_model(self.run, last, self.device).model
                 add("finetuned", last, model.head.num_prototypes, self._evaluate(model, ds), per_class=per_class(model))
         alphas = list(GROUP_ALPHAS) if self.info.method == "scaleprotoseg" else []
         summary = {"split": split, "steps": steps, "alphas": alphas, "notes": notes}

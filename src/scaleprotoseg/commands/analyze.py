@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.analysis.runner import AnalysisOptions, Analyzer, MissingInput
     from scaleprotoseg.analysis.stability import NOISE_STD
     from scaleprotoseg.engine.distributed import resolve_device
+    from scaleprotoseg.rundir import RunDir
 
     if args.max_images < 0:
         raise ValueError(f"--max-images {args.max_images}: expected 0 (all) or a positive count")
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
     )
     analyzer = Analyzer(args.run, resolve_device(args.device), options)
-    out = Path(args.out) if args.out else Path(args.run) / "analysis"
+    out = Path(args.out) if args.out else RunDir(args.run).analysis
     failed = []
     for metric, result in analyzer.run_metrics(metrics):
         if isinstance(result, Exception):

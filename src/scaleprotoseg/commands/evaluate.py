@@ -39,16 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from scaleprotoseg.checkpoint import load_model
     from scaleprotoseg.data.registry import build_dataset
     from scaleprotoseg.engine import distributed as dist_utils
     from scaleprotoseg.evaluation.evaluate import evaluate
     from scaleprotoseg.evaluation.miou import write_results
     from scaleprotoseg.evaluation.plots import plot_confusion_matrix, plot_per_class_iou
-    from scaleprotoseg.predict import load_run_model
+    from scaleprotoseg.rundir import RunDir
 
     info_dist = dist_utils.init_distributed(args.device)
     device = dist_utils.resolve_device(args.device, info_dist)
-    model, cfg, info = load_run_model(args.run, args.stage, device)
+    loaded = load_model(args.run, args.stage, device)
+    model, cfg, info = loaded.model, loaded.config, loaded.meta
     d = cfg.data
     if args.data_root:
         d.root = args.data_root
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if not info_dist.is_main:
         return 0
-    out = Path(args.out) if args.out else Path(args.run) / "eval" / f"{args.stage or 'final'}-{split}"
+    out = Path(args.out) if args.out else RunDir(args.run).eval_dir(args.stage, split)
     write_results(res, info.class_names, out)
     plot_confusion_matrix(res["matrix"], info.class_names, out / "confusion_matrix.png")
     plot_per_class_iou(res["iou"], info.class_names, out / "per_class_iou.png")

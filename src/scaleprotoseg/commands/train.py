@@ -30,21 +30,22 @@ def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.config import load_config
     from scaleprotoseg.engine import distributed as dist_utils
     from scaleprotoseg.engine.trainer import StopRequested, Trainer
+    from scaleprotoseg.explain.nearest import export_final_nearest
+    from scaleprotoseg.rundir import RunDir
 
     if args.resume:
-        run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.yaml"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
-        cfg = load_config(cfg_path, args.overrides)
+        run = RunDir(args.resume)
+        if not run.config.is_file():
+            raise FileNotFoundError(f"--resume {run.root}: no config.yaml there; is it a run directory?")
+        cfg = load_config(run.config, args.overrides)
     else:
         if not args.config:
             raise ValueError("train: give a config with -c CONFIG (or --resume RUN)")
         cfg = load_config(args.config, args.overrides)
-        run_dir = Path(args.run_dir or Path("runs") / cfg.name)
-        if (run_dir / "state.json").is_file() and not args.stages:
+        run = RunDir(args.run_dir or Path("runs") / cfg.name)
+        if run.state_file.is_file() and not args.stages:
             raise ValueError(
-                f"run directory {run_dir} already holds a run; use --resume {run_dir} to continue it, "
+                f"run directory {run.root} already holds a run; use --resume {run.root} to continue it, "
                 "--stages to re-run chosen stages, or another --run-dir"
             )
     stop_at = None
@@ -54,17 +55,19 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--stop-at {args.stop_at!r}: expected STAGE:STEP, e.g. joint:100")
         stop_at = (stage, int(step))
     dist_utils.init_distributed(args.device or cfg.train.device)
-    trainer = Trainer(cfg, run_dir, device=args.device, progress=not args.no_progress, stop_at=stop_at)
+    trainer = Trainer(cfg, run.root, device=args.device, progress=not args.no_progress, stop_at=stop_at)
     only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     try:
         results = trainer.run_stages(only, argv=sys.argv)
     except StopRequested as stop:
-        print(f"{stop}; continue with: scaleprotoseg train --resume {run_dir}")
+        print(f"{stop}; continue with: scaleprotoseg train --resume {run.root}")
         return 0
+    if results and trainer.dist.is_main:  # the step after training: nearest training patches for the explanations
+        export_final_nearest(run, device=trainer.device)
     if trainer.dist.is_main:
         for r in results:
             miou = r.metrics.get("val_miou")
             extra = f"  val mIoU {100 * miou:.2f}" if miou is not None else ""
             print(f"{r.name:>14} [{r.kind}]{extra}")
-        print(f"run directory: {run_dir}  (final model in {run_dir / 'final'})")
+        print(f"run directory: {run.root}  (final model in {run.final})")
     return 0

@@ -7,7 +7,6 @@ learning rates come from the config (:func:`scaleprotoseg.config.default_stages`
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -20,22 +19,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from scaleprotoseg.checkpoint import CheckpointMeta, load_model, write_checkpoint
 from scaleprotoseg.config import Config, StageConfig, save_config
 from scaleprotoseg.engine import distributed as dist_utils
-from scaleprotoseg.engine.checkpoint import (
-    RunDir,
-    atomic_write_json,
-    load_weights,
-    read_checkpoint,
-    recover_dir,
-    replace_dir,
-    write_checkpoint,
-)
 from scaleprotoseg.engine.group_stats import group_change, group_snapshot
 from scaleprotoseg.engine.optim import build_optimizer, build_scheduler
 from scaleprotoseg.engine.sampler import KeyedDataset, StreamSampler
 from scaleprotoseg.losses import compute_losses
 from scaleprotoseg.models.segmenter import Segmenter, build_model, msc_forward
+from scaleprotoseg.prototypes.projection import ProjectionResult
+from scaleprotoseg.rundir import CheckpointDir, RunDir, atomic_write_json, discard_dir, recover_dir
 
 
 class TrainingDiverged(RuntimeError):
@@ -119,6 +112,7 @@ class Trainer:
         self.model: Segmenter = build_model(cfg.model, num_classes).to(self.device)
         self.tb = None
         self._proj_dataset = None
+        self.projection: ProjectionResult | None = None  # the sources of the current prototypes, once projected
 
     # -- setup -------------------------------------------------------------------------------------------------
     def _load_datasets(self) -> None:
@@ -151,36 +145,26 @@ class Trainer:
 
     def _projection_dataset(self):
         """Training images as the model sees them at test time (whole, no augmentation) for projection, pruning and
-        the exported patches; built once per trainer."""
+        the prototype patches; built once per trainer."""
         if self._proj_dataset is None:
             from scaleprotoseg.data.registry import build_dataset
 
             self._proj_dataset = build_dataset(self.cfg.data, self.cfg.data.train_split, train=False)
         return self._proj_dataset
 
-    def _meta(self, stage: str, step: int) -> dict[str, Any]:
-        return {
-            "format": "scaleprotoseg-checkpoint/1",
-            "method": self.model.method,
-            "stage": stage,
-            "step": step,
-            "num_classes": self.num_classes,
-            "class_names": list(self.info.class_names),
-            "palette": [list(map(int, c)) for c in self.info.palette],
-            "ignore_index": int(self.ignore_index),
-            "normalization": self.cfg.data.normalization,
-            "output_stride": self.model.output_stride,
-            "structure": self.model.structure(),
-        }
+    def _save(self, directory: Path, stage: str, step: int, **files: Any) -> None:
+        """Write the model, its metadata and the projection of its prototypes as a checkpoint into ``directory``."""
+        meta = CheckpointMeta.of_model(
+            self.model, stage=stage, step=step, info=self.info, normalization=self.cfg.data.normalization
+        )
+        projection = self.projection if hasattr(self.model.head, "prototypes") else None
+        write_checkpoint(directory, self.model, meta, projection=projection, **files)
 
     def load_stage_checkpoint(self, stage: str, partial: bool = False) -> dict[str, Any] | None:
-        """Load model weights (and return the training state) of a stage's checkpoint."""
-        directory = self.run.partial_dir(stage) if partial else self.run.stage_dir(stage)
-        weights, meta, train_state = read_checkpoint(directory)
-        self.model.apply_structure(meta["structure"])
-        self.model.to(self.device)
-        load_weights(self.model, weights, str(directory))
-        return train_state
+        """Load the model (and the projection of its prototypes) of a stage's checkpoint; return its training state."""
+        loaded = load_model(self.run, stage, self.device, partial=partial, into=self.model)
+        self.projection = loaded.projection
+        return loaded.train_state
 
     # -- the run -----------------------------------------------------------------------------------------------
     def stage_names(self) -> list[str]:
@@ -208,7 +192,7 @@ class Trainer:
                     "train.tensorboard is true but tensorboard is not installed; "
                     "pip install 'scaleprotoseg[tensorboard]'"
                 ) from err
-            self.tb = SummaryWriter(str(self.run.root / "tensorboard"))
+            self.tb = SummaryWriter(str(self.run.tensorboard))
         results = []
         in_memory = False  # does self.model hold the output of the stage before this one?
         for i, name in enumerate(names):
@@ -249,13 +233,8 @@ class Trainer:
         val = self.validate(name)
         metrics.update(val)
         if self.dist.is_main:
-            write_checkpoint(self.run.stage_dir(name), self.model, self._meta(name, stage.steps))
-            partial = self.run.partial_dir(name)
-            if recover_dir(partial) is not None:
-                import shutil
-
-                shutil.rmtree(partial, ignore_errors=True)
-                shutil.rmtree(partial.with_name("partial.old"), ignore_errors=True)
+            self._save(self.run.stage_dir(name), name, stage.steps)
+            discard_dir(self.run.partial_dir(name))
             self.run.log_metrics({"stage": name, "kind": stage.kind, "event": "stage_end", **metrics})
         return StageResult(name, stage.kind, metrics)
 
@@ -390,7 +369,7 @@ class Trainer:
                     }
                     if group_start is not None:
                         state["group_start"] = group_start
-                    write_checkpoint(self.run.partial_dir(name), model, self._meta(name, done), state)
+                    self._save(self.run.partial_dir(name), name, done, train_state=state)
                     self.run.write_state({**self.run.read_state(), "current": {"stage": name, "step": done}})
                 dist_utils.barrier()
             if at_stop:
@@ -413,7 +392,7 @@ class Trainer:
 
     # -- non-gradient stages -----------------------------------------------------------------------------------
     def _projection_stage(self, name: str) -> dict[str, Any]:
-        from scaleprotoseg import projection
+        from scaleprotoseg.prototypes import projection
 
         if not hasattr(self.model.head, "prototypes"):
             raise ValueError(f"stage {name}: projection needs a prototype model, not {self.model.method}")
@@ -428,9 +407,7 @@ class Trainer:
         projection.apply_projection(self.model, result)
         before = self.model.head.num_prototypes
         report = projection.remove_duplicates(self.model)
-        result = result.select(report.kept)
-        if self.dist.is_main:
-            atomic_write_json(self.run.root / "projection.json", result.to_dict())
+        self.projection = result.select(report.kept)
         return {
             "prototypes_before": before,
             "prototypes_after": self.model.head.num_prototypes,
@@ -438,7 +415,7 @@ class Trainer:
         }
 
     def _pruning_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
-        from scaleprotoseg import projection, pruning
+        from scaleprotoseg.prototypes import pruning
 
         before = self.model.head.num_prototypes
         report = pruning.prune_prototypes(
@@ -450,10 +427,8 @@ class Trainer:
             ignore_index=self.ignore_index,
             progress=self.progress and self.dist.is_main,
         )
-        proj_file = self.run.root / "projection.json"
-        if proj_file.is_file() and self.dist.is_main:
-            result = projection.ProjectionResult.from_dict(json.loads(proj_file.read_text()))
-            atomic_write_json(proj_file, result.select(report.kept).to_dict())
+        if self.projection is not None:
+            self.projection = self.projection.select(report.kept)
         return {
             "prototypes_before": before,
             "prototypes_after": self.model.head.num_prototypes,
@@ -509,7 +484,7 @@ class Trainer:
             own = isinstance(self.train_dataset, SegmentationDataset)
             train = self.train_dataset if own else self._projection_dataset()
             _, lines = training_baseline_report(
-                train, self.val_dataset, results, self.run.root, split=self.cfg.data.val_split
+                train, self.val_dataset, results, self.run.baselines, split=self.cfg.data.val_split
             )
         except Exception as err:  # a convenience: it must not fail a finished run
             lines = [f"WARNING: baselines not computed ({type(err).__name__}: {err})"]
@@ -520,39 +495,17 @@ class Trainer:
             self.run.log_metrics({"event": "baseline_warning", "warnings": warnings})
 
     def export_final(self, stage: str) -> Path:
-        """Write ``final/``: weights, meta, config, projection info and prototype patches; enough to predict and
-        explain with nothing else."""
-        import tempfile
+        """Write ``final/``: weights, meta, config, the projection and the prototype patches; enough to predict and
+        explain with nothing else (the nearest training patches are a later step, ``explain.nearest``)."""
+        from scaleprotoseg.prototypes.projection import save_prototype_patches
 
-        final = self.run.final
-        tmp = Path(tempfile.mkdtemp(dir=self.run.root, prefix=".final.tmp"))
-        write_checkpoint(tmp / "model", self.model, self._meta(stage, 0))
-        for f in ("model.safetensors", "meta.json"):
-            (tmp / "model" / f).rename(tmp / f)
-        (tmp / "model").rmdir()
-        save_config(self.cfg, tmp / "config.yaml")
-        proj_file = self.run.root / "projection.json"
-        if proj_file.is_file() and hasattr(self.model.head, "prototypes"):
-            from scaleprotoseg import projection
-
-            result = projection.ProjectionResult.from_dict(json.loads(proj_file.read_text()))
-            (tmp / "projection.json").write_text(proj_file.read_text())
+        def patches(final: CheckpointDir) -> None:
+            if self.projection is None or not hasattr(self.model.head, "prototypes"):
+                return
             try:
-                projection.save_prototype_patches(result, self._projection_dataset(), tmp / "prototypes")
+                save_prototype_patches(self.projection, self._projection_dataset(), final.prototypes)
             except Exception as err:  # patches are a convenience: a missing file must not lose the run
-                (tmp / "prototypes_error.txt").write_text(f"could not save prototype patches: {err}\n")
-            try:  # nearest training patches for the explanations (Figures 14-19); convenience as above
-                from scaleprotoseg.explain.nearest import export_nearest_patches
+                final.error_note("prototypes").write_text(f"could not save prototype patches: {err}\n")
 
-                export_nearest_patches(
-                    self.model,
-                    self._projection_dataset(),
-                    tmp / "nearest",
-                    k=3,
-                    device=self.device,
-                    ignore_index=self.ignore_index,
-                )
-            except Exception as err:
-                (tmp / "nearest_error.txt").write_text(f"could not save nearest training patches: {err}\n")
-        replace_dir(tmp, final)
-        return final
+        self._save(self.run.final, stage, 0, config=self.cfg, extra=patches)
+        return self.run.final

@@ -504,13 +504,14 @@ def training_baseline_report(
     train_dataset: Any,
     val_dataset: Any,
     stage_results: Sequence[Any],
-    run_root: str | Path,
+    path: str | Path,
     *,
     split: str | None = None,
 ) -> tuple[list[BaselineResult], list[str]]:
     """End-of-training report: baselines on the validation split against the last validated stage, a warning for
-    every train stage worse than the majority class, ``run_root/baselines.json``. Nothing (``[], []``) when no
-    stage was validated. ``stage_results``: objects with ``name``, ``kind`` and ``metrics`` (``val_miou``)."""
+    every train stage worse than the majority class, written to ``path`` (the run's ``baselines.json``). Nothing
+    (``[], []``) when no stage was validated. ``stage_results``: objects with ``name``, ``kind`` and ``metrics``
+    (``val_miou``)."""
     validated = [r for r in stage_results if r.metrics.get("val_miou") is not None]
     if val_dataset is None or not validated:
         return [], []
@@ -521,7 +522,7 @@ def training_baseline_report(
         train_dataset,
         val_dataset,
         float(last.metrics["val_miou"]),
-        Path(run_root) / "baselines.json",
+        Path(path),
         stage_mious=stage_mious,
         extra=extra,
     )

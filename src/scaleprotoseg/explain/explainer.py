@@ -183,11 +183,12 @@ def explain_image(
 
     ``label``: ground truth (H, W) in the model's class indices (ignore index allowed) -> failure view.
     ``run_dir``: the run, for ``final/prototypes`` and ``final/nearest`` (default: ``predictor.run_dir`` if set;
-    without it patches are placeholders). ``classes``: restrict to these classes (names or indices; also explains a
-    class absent from the prediction). ``patches``: feature-grid cells ``"r,c;r,c"`` for the nearest-prototypes view
-    (default: ``num_cells`` cells spread over each class region). ``top_prototypes``: how many of a class's most used
-    prototypes get a nearest-patches figure. ``max_side``: long side of the image in the figures. ``views``: compute
-    only these of :data:`VIEWS` (default all; the failure view depends on ``label`` only).
+    without it, or when ``predictor.stage`` is a checkpoint they were not written from, patches are placeholders).
+    ``classes``: restrict to these classes (names or indices; also explains a class absent from the prediction).
+    ``patches``: feature-grid cells ``"r,c;r,c"`` for the nearest-prototypes view (default: ``num_cells`` cells
+    spread over each class region). ``top_prototypes``: how many of a class's most used prototypes get a
+    nearest-patches figure. ``max_side``: long side of the image in the figures. ``views``: compute only these of
+    :data:`VIEWS` (default all; the failure view depends on ``label`` only).
     """
     from scaleprotoseg.data.io import to_rgb_uint8
     from scaleprotoseg.ops import resize_labels
@@ -253,7 +254,7 @@ def explain_image(
         return _finish(out, manifest)
 
     run_dir = run_dir if run_dir is not None else getattr(predictor, "run_dir", None)
-    gallery, nearest = load_galleries(run_dir, head)
+    gallery, nearest = load_galleries(run_dir, getattr(predictor, "stage", None))
     for problem in (gallery.problem, nearest.problem):
         if problem:
             manifest["notes"].append(problem)

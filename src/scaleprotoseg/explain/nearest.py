@@ -1,16 +1,19 @@
 """Nearest training patches of prototypes (supplement 14, Figures 14-19) and nearest prototypes of image patches
 (supplement 15, Figures 20-25).
 
-Training data are usually gone when a model is explained, so the nearest training patches are computed once at the
-end of training (:func:`export_nearest_patches`, called by ``Trainer.export_final``) into ``final/nearest/``:
+Training data are usually gone when a model is explained, so the nearest training patches are computed once, in the
+step after training (:func:`export_final_nearest`, called by ``scaleprotoseg train``), into ``final/nearest/``:
 for each prototype its k nearest labelled training cells (one per image, ProtoPNet's rule, through
-:func:`scaleprotoseg.pruning.nearest_patches`), the crop of each cell's receptive field and the prototype's
-activation on that whole training image with the patch boxed. The explanations then only read those files.
+:func:`scaleprotoseg.prototypes.nearest.nearest_patches`), the crop of each cell's receptive field and the
+prototype's activation on that whole training image with the patch boxed. The explanations then only read those
+files.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,10 @@ from torch import nn
 from scaleprotoseg.explain import figures as F
 from scaleprotoseg.explain.resources import NearestGallery, PrototypeGallery
 from scaleprotoseg.explain.structure import prototype_head
+from scaleprotoseg.rundir import RunDir, replace_dir
 
 __all__ = [
+    "export_final_nearest",
     "export_nearest_patches",
     "pick_cells",
     "plot_nearest_patches",
@@ -33,8 +38,34 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Export at the end of training
+# Export after training
 # ---------------------------------------------------------------------------------------------------------------
+def export_final_nearest(run: str | Path | RunDir, *, device: torch.device | str = "cpu", k: int = 3) -> Path | None:
+    """The step after training: the ``k`` nearest training patches of the prototypes of ``final/`` into
+    ``final/nearest/`` (written aside, then swapped in), from the run's config and training split. Runs without
+    projected prototypes get none (``None``). A failure leaves a note, ``final/nearest_error.txt``: the patches are a
+    convenience and must not fail a finished run."""
+    from scaleprotoseg.checkpoint import load_model
+    from scaleprotoseg.data.registry import build_dataset
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    final = run.checkpoint()
+    if not final.projection.is_file():
+        return None
+    tmp = Path(tempfile.mkdtemp(dir=final.path, prefix=".nearest.tmp"))
+    try:
+        loaded = load_model(run, None, device)
+        data = loaded.config.data
+        train = build_dataset(data, data.train_split, train=False)  # whole images, no augmentation
+        export_nearest_patches(loaded.model, train, tmp, k=k, device=device, ignore_index=loaded.meta.ignore_index)
+        replace_dir(tmp, final.nearest)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        final.error_note("nearest").write_text(f"could not save nearest training patches: {err}\n")
+        return None
+    return final.nearest
+
+
 @torch.no_grad()
 def export_nearest_patches(
     model: nn.Module,
@@ -57,8 +88,8 @@ def export_nearest_patches(
     the raw image) and ``proto_PPPP_topJ_activation.png`` (the prototype's activation on the whole image, nearest
     upsampled, patch boxed in red, long side at most ``max_side``). Runs on one process (``distributed=False``).
     """
-    from scaleprotoseg.projection import scale_box
-    from scaleprotoseg.pruning import nearest_patches
+    from scaleprotoseg.prototypes.boxes import scale_box
+    from scaleprotoseg.prototypes.nearest import nearest_patches
 
     head = prototype_head(model)
     if head is None:

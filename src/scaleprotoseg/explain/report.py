@@ -23,6 +23,7 @@ import numpy as np
 
 from scaleprotoseg.explain import figures as F
 from scaleprotoseg.explain.html import Raw, esc, figure, fmt, kv_table, page, render_json, table
+from scaleprotoseg.rundir import RunDir
 
 __all__ = ["build_report"]
 
@@ -89,13 +90,13 @@ def _val_dataset(cfg: Any) -> tuple[Any, str | None]:
 # ---------------------------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------------------------
-def _summary(run: Path, predictor: Any, out: Path) -> str:
+def _summary(run: RunDir, predictor: Any, out: Path) -> str:
     cfg, info = predictor.cfg, predictor.info
     head = getattr(predictor.model, "head", None)
-    state = _read_json(run / "state.json") or {}
-    env = _read_json(run / "env.json") or {}
+    state = _read_json(run.state_file) or {}
+    env = _read_json(run.env) or {}
     items: dict[str, Any] = {
-        "run": run.resolve().name,
+        "run": run.root.resolve().name,
         "method": info.method,
         "checkpoint stage": info.stage or "final",
         "backbone": cfg.model.backbone,
@@ -115,7 +116,7 @@ def _summary(run: Path, predictor: Any, out: Path) -> str:
         items["command"] = env.get("command", "")
     body = [kv_table(items)]
 
-    records = _read_jsonl(run / "metrics.jsonl")
+    records = _read_jsonl(run.metrics)
     ends = {r["stage"]: r for r in records if r.get("event") == "stage_end" and "stage" in r}
     completed = set(state.get("completed", []))
     stages = [(n, s) for n, s in cfg.train.stages.items() if s.enabled]
@@ -240,13 +241,13 @@ def _eval_tables(metrics: dict[str, Any], csv_path: Path | None, names: list[str
     return "".join(body)
 
 
-def _evaluation(run: Path, predictor: Any, out: Path, evaluate_missing: bool, val: Any, why: str | None) -> str:
+def _evaluation(run: RunDir, predictor: Any, out: Path, evaluate_missing: bool, val: Any, why: str | None) -> str:
     names = list(predictor.info.class_names)
-    found = sorted((p for p in (run / "eval").glob("*/metrics.json")), key=lambda p: p.stat().st_mtime)
+    found = sorted((p for p in run.eval.glob("*/metrics.json")), key=lambda p: p.stat().st_mtime)
     if found:
         src = found[-1].parent
         metrics = _read_json(found[-1]) or {}
-        intro = f'<p>Latest evaluation: <span class="mono">{esc(src.relative_to(run).as_posix())}</span>'
+        intro = f'<p>Latest evaluation: <span class="mono">{esc(src.relative_to(run.root).as_posix())}</span>'
         summ = _read_json(src / "summary.json") or {}
         if summ:
             intro += f" (stage {esc(summ.get('stage', '?'))}, split {esc(summ.get('split', '?'))})"
@@ -285,7 +286,7 @@ def _evaluation(run: Path, predictor: Any, out: Path, evaluate_missing: bool, va
     else:
         reason = why or "evaluation was not requested"
         return (
-            f'<p class="note">No evaluation found in {esc((run / "eval").as_posix())} and none computed: '
+            f'<p class="note">No evaluation found in {esc(run.eval.as_posix())} and none computed: '
             f'{esc(reason)}. Run <span class="mono">scaleprotoseg evaluate RUN</span>.</p>'
         )
     body = [intro, _eval_tables(metrics, csv_path, names)]
@@ -307,8 +308,8 @@ def _evaluation(run: Path, predictor: Any, out: Path, evaluate_missing: bool, va
     return "".join(body)
 
 
-def _analysis(run: Path, out: Path) -> str:
-    adir = run / "analysis"
+def _analysis(run: RunDir, out: Path) -> str:
+    adir = run.analysis
     jsons = sorted(adir.glob("*.json")) if adir.is_dir() else []
     pngs = sorted(adir.rglob("*.png")) if adir.is_dir() else []
     if not jsons and not pngs:
@@ -345,7 +346,7 @@ def _analysis(run: Path, out: Path) -> str:
     return "".join(body)
 
 
-def _prototypes(run: Path, predictor: Any, out: Path) -> str:
+def _prototypes(run: RunDir, predictor: Any, out: Path) -> str:
     from scaleprotoseg.explain.graph import plot_group_graph
     from scaleprotoseg.explain.resources import load_galleries
     from scaleprotoseg.explain.structure import class_structure, prototype_head
@@ -356,7 +357,7 @@ def _prototypes(run: Path, predictor: Any, out: Path) -> str:
     info = predictor.info
     names = list(info.class_names)
     palette = np.asarray(info.palette, dtype=np.uint8).reshape(-1, 3)
-    gallery, _ = load_galleries(run, head)
+    gallery, _ = load_galleries(run.root, predictor.stage)
     multiscale = int(getattr(head, "num_scales", 1)) > 1
     body = []
     if gallery.problem:
@@ -475,7 +476,7 @@ def _sample_html(man: dict[str, Any], rel: str, names: list[str]) -> str:
 
 
 def _samples(
-    run: Path, predictor: Any, out: Path, n: int, inputs: Sequence[str | Path] | None, val: Any, why: str | None
+    run: RunDir, predictor: Any, out: Path, n: int, inputs: Sequence[str | Path] | None, val: Any, why: str | None
 ) -> str:
     from scaleprotoseg.explain.explainer import explain_image
 
@@ -504,7 +505,7 @@ def _samples(
         while d in used:
             d += "_"
         used.add(d)
-        man = explain_image(predictor, image, out / "samples" / d, label=label, run_dir=run, name=name)
+        man = explain_image(predictor, image, out / "samples" / d, label=label, run_dir=run.root, name=name)
         parts.append(_sample_html(man, f"samples/{d}", names))
     return "".join(parts)
 
@@ -529,9 +530,9 @@ def build_report(
     """
     from scaleprotoseg.predict import Predictor
 
-    run = Path(run)
-    out = Path(out_dir) if out_dir is not None else run / "report"
-    predictor = Predictor.from_run(run, stage, device)
+    run = RunDir(run)
+    out = Path(out_dir) if out_dir is not None else run.report
+    predictor = Predictor.from_run(run.root, stage, device)
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("assets", "samples"):  # stale files of an earlier report would be left unreferenced
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -543,7 +544,7 @@ def build_report(
         ("prototypes", "Prototypes and groups", _prototypes(run, predictor, out)),
         ("samples", "Explained images", _samples(run, predictor, out, images, inputs, val, why)),
     ]
-    title = f"scaleprotoseg report: {run.resolve().name}"
+    title = f"scaleprotoseg report: {run.root.resolve().name}"
     subtitle = (
         f"{predictor.info.method} · {predictor.cfg.model.backbone} · {predictor.cfg.data.name} · "
         f"generated {time.strftime('%Y-%m-%d %H:%M')}"

@@ -1,9 +1,9 @@
 """Files a run exported for its explanations: prototype patches (``final/prototypes/``) and nearest training patches
-(``final/nearest/``), checked against the model they are used with.
+(``final/nearest/``), written from the model of ``final/``.
 
-A gallery built for one prototype numbering (``final/``) must not be used with a checkpoint of another numbering
-(e.g. ``--stage joint``, before duplicate removal / pruning): every entry's class and scale must match the model's,
-otherwise the gallery is disabled and the views fall back to placeholders, saying why.
+They are read only for that model: ``final/`` itself, or the stage checkpoint ``final/`` was exported from (the same
+weights). Any other checkpoint (e.g. ``--stage joint``, before duplicate removal or pruning) has no galleries, so
+the views fall back to placeholders, saying why; a gallery never meets a model of another prototype numbering.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scaleprotoseg.rundir import FINAL, RunDir
 
 __all__ = ["NearestGallery", "PrototypeGallery", "load_galleries"]
 
@@ -26,10 +28,6 @@ def _read_png(path: Path) -> np.ndarray | None:
             return np.asarray(img.convert("RGB"))
     except Exception:
         return None
-
-
-def _layout(head: Any) -> tuple[list[int], list[int]]:
-    return head.prototype_class.detach().cpu().tolist(), head.prototype_scale.detach().cpu().tolist()
 
 
 @dataclass
@@ -60,31 +58,16 @@ class PrototypeGallery:
         return None if e is None else e.get("source")
 
     @classmethod
-    def load(cls, directory: str | Path | None, head: Any) -> PrototypeGallery:
-        """Read ``directory/manifest.json`` (``save_prototype_patches``) and keep it if it fits ``head``."""
-        if directory is None:
-            return cls(None, problem="no run directory given: prototype patches are shown as placeholders")
-        d = Path(directory)
-        man = d / "manifest.json"
+    def load(cls, directory: Path) -> PrototypeGallery:
+        """Read ``directory/manifest.json`` (``save_prototype_patches``)."""
+        man = directory / "manifest.json"
         if not man.is_file():
-            return cls(d, problem=f"{man} does not exist: prototype patches are shown as placeholders")
+            return cls(directory, problem=f"{man} does not exist: prototype patches are shown as placeholders")
         try:
             entries = {int(e["prototype"]): e for e in json.loads(man.read_text())["prototypes"]}
         except Exception as err:
-            return cls(d, problem=f"{man} could not be read ({err})")
-        pcls, pscale = _layout(head)
-        bad = [
-            p
-            for p, e in entries.items()
-            if p >= len(pcls) or int(e["class"]) != pcls[p] or int(e["scale"]) != pscale[p]
-        ]
-        if bad:
-            return cls(
-                d,
-                problem=f"{man} was written for another prototype numbering (prototypes {bad[:5]} differ "
-                "in class or scale from the model); patches are shown as placeholders",
-            )
-        return cls(d, entries)
+            return cls(directory, problem=f"{man} could not be read ({err})")
+        return cls(directory, entries)
 
 
 @dataclass
@@ -111,28 +94,42 @@ class NearestGallery:
         return _read_png(f) if f.is_file() else None
 
     @classmethod
-    def load(cls, directory: str | Path | None, head: Any) -> NearestGallery:
-        if directory is None:
-            return cls(None, problem="no run directory given: nearest training patches are not available")
-        d = Path(directory)
-        man = d / "manifest.json"
+    def load(cls, directory: Path) -> NearestGallery:
+        """Read ``directory/manifest.json`` (``export_nearest_patches``)."""
+        man = directory / "manifest.json"
         if not man.is_file():
-            return cls(d, problem=f"{man} does not exist (runs trained before nearest-patch export have none)")
+            return cls(directory, problem=f"{man} does not exist (runs trained before nearest-patch export have none)")
         try:
             data = json.loads(man.read_text())
         except Exception as err:
-            return cls(d, problem=f"{man} could not be read ({err})")
-        pcls, pscale = _layout(head)
-        if list(data.get("prototype_class", [])) != pcls or list(data.get("prototype_scale", [])) != pscale:
-            return cls(d, problem=f"{man} was written for another prototype numbering than this model's")
+            return cls(directory, problem=f"{man} could not be read ({err})")
         entries = {int(e["prototype"]): e for e in data.get("prototypes", [])}
-        return cls(d, entries, k=int(data.get("k", 0)))
+        return cls(directory, entries, k=int(data.get("k", 0)))
 
 
-def load_galleries(run_dir: str | Path | None, head: Any) -> tuple[PrototypeGallery, NearestGallery]:
-    """Both galleries of ``run_dir/final`` for ``head``."""
-    final = None if run_dir is None else Path(run_dir) / "final"
-    return (
-        PrototypeGallery.load(None if final is None else final / "prototypes", head),
-        NearestGallery.load(None if final is None else final / "nearest", head),
-    )
+def _final_stage(run: RunDir) -> str | None:
+    """The stage ``final/`` was exported from, or ``None`` when it cannot be read."""
+    from scaleprotoseg.checkpoint import CheckpointMeta
+
+    try:
+        return CheckpointMeta.read(run.checkpoint().meta).stage
+    except (OSError, ValueError):
+        return None
+
+
+def load_galleries(run_dir: str | Path | None, stage: str | None = None) -> tuple[PrototypeGallery, NearestGallery]:
+    """Both galleries of the model of ``run_dir`` at ``stage`` (``final/`` by default; see the module docstring)."""
+    if run_dir is None:
+        return (
+            PrototypeGallery(None, problem="no run directory given: prototype patches are shown as placeholders"),
+            NearestGallery(None, problem="no run directory given: nearest training patches are not available"),
+        )
+    run = RunDir(run_dir)
+    final = run.checkpoint()
+    if stage not in (None, FINAL) and _final_stage(run) != stage:
+        why = f"the checkpoint of stage {stage!r} has none (only the model of {final.path} has)"
+        return (
+            PrototypeGallery(None, problem=f"prototype patches: {why}; they are shown as placeholders"),
+            NearestGallery(None, problem=f"nearest training patches: {why}"),
+        )
+    return PrototypeGallery.load(final.prototypes), NearestGallery.load(final.nearest)

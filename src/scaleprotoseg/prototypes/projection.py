@@ -1,18 +1,13 @@
 """Prototype projection ("push") and duplicate removal (paper section 3.3, Stage 1).
 
 - :func:`project_prototypes`: every prototype becomes the nearest feature vector *of its own scale* among the
-  training cells *of its own class* (ProtoPNet's push, done per scale for ScaleProtoSeg). Streaming over the
-  dataset (one running best per prototype), deterministic (ties broken by (distance, dataset index, cell index)),
-  and sharded under ``torch.distributed`` with a global merge that gives every rank the single-process result.
+  training cells *of its own class* (ProtoPNet's push, done per scale for ScaleProtoSeg): the best-k search of
+  :mod:`scaleprotoseg.prototypes.streaming` with k = 1, so streaming, deterministic (ties broken by (distance,
+  dataset index, cell index)) and sharded under ``torch.distributed`` with the single-process result on every rank.
 - :func:`apply_projection` writes the vectors into the model; :func:`remove_duplicates` then drops exact
   duplicates (same scale, bitwise-identical vector), as the paper does after projection.
-- Nearest training patches and ProtoSeg's pruning live in :mod:`scaleprotoseg.pruning`.
-- :func:`save_prototype_patches`: the receptive-field crop of each projected prototype as a PNG, plus a manifest.
-
-Receptive-field boxes: a cell (row, col) on the feature grid of output stride ``os`` seen through the 3x3 ASPP
-branch of rate ``r`` (scale ``s`` uses ``head.aspp.rates[s]``; ProtoSeg's summed ASPP uses its largest rate)
-covers cells ``row - r .. row + r``, i.e. pixels ``[(row - r) * os, (row + r + 1) * os)`` clipped to the image.
-The backbone's own receptive field is NOT included, so the box is a lower bound of the true receptive field.
+- :func:`save_prototype_patches`: the receptive-field crop of each projected prototype as a PNG, plus a manifest
+  (boxes: :mod:`scaleprotoseg.prototypes.boxes`).
 """
 
 from __future__ import annotations
@@ -29,21 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from scaleprotoseg.ops import resize_labels
-from scaleprotoseg.streaming import (
-    SENTINEL,
-    all_gather,
-    all_gather_object,
-    comm_device,
-    forward_maps,
-    iter_shard,
-    key_less,
-    progress_bar,
-    prototype_head,
-    shard_info,
-    unpack_item,
-    unwrap,
-)
+from scaleprotoseg.prototypes.boxes import scale_box
+from scaleprotoseg.prototypes.streaming import ImageMaps, best_k, prototype_head, smallest_cells, unwrap
 
 
 @dataclass
@@ -181,46 +163,6 @@ class DuplicateReport:
         }
 
 
-def prototype_rates(head: nn.Module) -> list[int]:
-    """ASPP rate that defines each prototype's receptive field: ``aspp.rates[scale]`` for concatenated ASPP, the
-    largest rate for ProtoSeg's summed ASPP (one scale)."""
-    rates = [int(r) for r in head.aspp.rates]
-    scales = head.prototype_scale.tolist()
-    if int(getattr(head, "num_scales", 1)) == 1:
-        return [max(rates)] * len(scales)
-    return [rates[s] for s in scales]
-
-
-def receptive_field_box(
-    cell: tuple[int, int], *, rate: int, output_stride: int, image_size: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """(y0, x0, y1, x1) pixels of the 3x3 atrous conv of ``rate`` at ``cell``: cells ``row - rate .. row + rate``
-    times the output stride, clipped to ``image_size`` = (H, W). The backbone's own receptive field is not included."""
-    row, col = int(cell[0]), int(cell[1])
-    H, W = int(image_size[0]), int(image_size[1])
-    y0 = min(max(0, (row - rate) * output_stride), H)
-    x0 = min(max(0, (col - rate) * output_stride), W)
-    y1 = max(min(H, (row + rate + 1) * output_stride), y0)
-    x1 = max(min(W, (col + rate + 1) * output_stride), x0)
-    return y0, x0, y1, x1
-
-
-def scale_box(
-    box: tuple[int, int, int, int], from_size: tuple[int, int], to_size: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """Map a pixel box from an image of ``from_size`` (H, W) to the same image resized to ``to_size`` (outward
-    rounding, clipped, at least one pixel when the box was non-empty)."""
-    sy, sx = to_size[0] / from_size[0], to_size[1] / from_size[1]
-    y0, x0, y1, x1 = box
-    ny0, nx0 = min(int(math.floor(y0 * sy)), to_size[0]), min(int(math.floor(x0 * sx)), to_size[1])
-    ny1, nx1 = min(int(math.ceil(y1 * sy)), to_size[0]), min(int(math.ceil(x1 * sx)), to_size[1])
-    if y1 > y0 and ny1 <= ny0:
-        ny0, ny1 = max(0, ny1 - 1), max(ny1, 1)
-    if x1 > x0 and nx1 <= nx0:
-        nx0, nx1 = max(0, nx1 - 1), max(nx1, 1)
-    return ny0, nx0, ny1, nx1
-
-
 @torch.no_grad()
 def project_prototypes(
     model: nn.Module,
@@ -237,100 +179,60 @@ def project_prototypes(
 
     For every image (batch size 1, whole image), labels are downsampled (nearest) to the feature grid; the model's
     ``distances`` (already per scale) are masked to the cells of each prototype's class (ignore cells never count),
-    and only the running best (distance, vector, source) per prototype is kept. Ties go to the smallest
-    (distance, dataset index, cell index), so the result does not depend on the order of the data. Under an
-    initialised ``torch.distributed`` (or ``distributed=True``) each rank scans ``rank::world_size`` and the
-    per-rank bests are all-gathered and merged with the same rule: every rank returns the single-process result.
-    The model (already on ``device``) runs in eval mode; its training flag is restored afterwards. Prototypes whose
-    class has no labelled cell keep their vector, get ``source=None`` and a warning. The model is not modified:
-    call :func:`apply_projection`.
+    and only the best (distance, vector, source) per prototype is kept. Ties go to the smallest (distance, dataset
+    index, cell index), so the result does not depend on the order of the data. Under an initialised
+    ``torch.distributed`` (or ``distributed=True``) each rank scans ``rank::world_size`` and the per-rank bests are
+    merged with the same rule: every rank returns the single-process result. The model (already on ``device``)
+    runs in eval mode; its training flag is restored afterwards. Prototypes whose class has no labelled cell keep
+    their vector, get ``source=None`` and a warning. The model is not modified: call :func:`apply_projection`.
     """
     device = torch.device(device)
-    net = unwrap(model)
-    head = prototype_head(net)
-    rank, world = shard_info(distributed)
+    head = prototype_head(unwrap(model))
     cls = head.prototype_class.to(device)
     scale = head.prototype_scale.to(device)
-    P = cls.numel()
     num_scales = int(getattr(head, "num_scales", 1))
     old = head.prototypes.prototypes.detach()
     D = old.shape[1]
 
-    best_d = torch.full((P,), math.inf, device=device)
-    best_i = torch.full((P,), SENTINEL, dtype=torch.long, device=device)
-    best_c = torch.full((P,), SENTINEL, dtype=torch.long, device=device)
-    best_v = old.to(device, torch.float32).clone()
-    meta: dict[int, tuple[str, int, int, int]] = {}  # dataset index -> (name, H, W, grid width), only live winners
+    def own_class_cell(maps: ImageMaps) -> tuple[torch.Tensor, torch.Tensor]:
+        own = maps.grid_label.unsqueeze(0) == cls.unsqueeze(1)
+        return smallest_cells(torch.where(own, maps.distances, math.inf), 1)
 
-    was_training = net.training
-    net.eval()
-    try:
-        items, total = iter_shard(dataset, rank, world, num_workers)
-        for pos, item in progress_bar(items, total, "projection", progress and rank == 0):
-            x, label, index, name = unpack_item(item, pos, device)
-            feats, dists = forward_maps(net, x)
-            h, w = dists.shape[-2:]
-            lab = resize_labels(label, (h, w)).reshape(-1)
-            masked = torch.where(lab.unsqueeze(0) == cls.unsqueeze(1), dists.reshape(P, -1).float(), math.inf)
-            cell = masked.argmin(dim=1)  # first minimum: the smallest cell index among ties
-            d = masked.gather(1, cell.unsqueeze(1)).squeeze(1)
-            idx = torch.full_like(best_i, index)
-            better = torch.isfinite(d) & key_less(d, idx, cell, best_d, best_i, best_c)
-            if not bool(better.any()):
-                continue
-            vecs = feats.reshape(num_scales, D, h * w)[scale, :, cell].float()  # (P, D): own scale, chosen cell
-            best_d = torch.where(better, d, best_d)
-            best_i = torch.where(better, idx, best_i)
-            best_c = torch.where(better, cell, best_c)
-            best_v = torch.where(better.unsqueeze(1), vecs, best_v)
-            meta[index] = (name, int(x.shape[-2]), int(x.shape[-1]), int(w))
-            if len(meta) > 4 * P:
-                live = set(best_i.tolist())
-                meta = {k: v for k, v in meta.items() if k in live}
-    finally:
-        net.train(was_training)
+    def vectors(maps: ImageMaps, cells: torch.Tensor, enters: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, w = maps.grid  # each prototype's own scale at its chosen cell: (P, 1, D)
+        return {"vector": maps.features.reshape(num_scales, D, h * w)[scale, :, cells[:, 0]].float().unsqueeze(1)}
 
-    if world > 1:
-        comm = comm_device(device)
-        ds, is_, cs, vs = (all_gather(t, comm) for t in (best_d, best_i, best_c, best_v))
-        live = set(best_i.tolist())
-        metas = all_gather_object({k: v for k, v in meta.items() if k in live})
-        best_d, best_i, best_c, best_v = ds[0], is_[0], cs[0], vs[0]
-        for r in range(1, world):
-            better = torch.isfinite(ds[r]) & key_less(ds[r], is_[r], cs[r], best_d, best_i, best_c)
-            best_d = torch.where(better, ds[r], best_d)
-            best_i = torch.where(better, is_[r], best_i)
-            best_c = torch.where(better, cs[r], best_c)
-            best_v = torch.where(better.unsqueeze(1), vs[r], best_v)
-        meta = {k: v for m in metas for k, v in m.items()}
-
-    best_d, best_i, best_c, best_v = best_d.cpu(), best_i.cpu(), best_c.cpu(), best_v.cpu()
-    rates = prototype_rates(head)
-    os_ = int(getattr(net, "output_stride", 8))
-    sources: list[PrototypeSource | None] = []
+    best = best_k(
+        model,
+        dataset,
+        k=1,
+        propose=own_class_cell,
+        fill=vectors,
+        initial={"vector": old.to(device, torch.float32).unsqueeze(1).clone()},
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        desc="projection",
+        distributed=distributed,
+    )
     cls_l, scale_l = cls.tolist(), scale.tolist()
-    for p in range(P):
-        if not math.isfinite(float(best_d[p])):
-            sources.append(None)
-            continue
-        name, H, W, w = meta[int(best_i[p])]
-        c = int(best_c[p])
-        cell_rc = (c // w, c % w)
-        box = receptive_field_box(cell_rc, rate=rates[p], output_stride=os_, image_size=(H, W))
-        sources.append(
-            PrototypeSource(
-                dataset_index=int(best_i[p]),
-                name=name,
-                scale=scale_l[p],
-                cell=cell_rc,
-                distance=float(best_d[p]),
-                box=box,
-                image_size=(H, W),
-                class_index=cls_l[p],
-            )
+    sources: list[PrototypeSource | None] = [
+        None
+        if bool(best.empty[p, 0])
+        else PrototypeSource(
+            dataset_index=int(best.dataset_indices[p, 0]),
+            name=str(best.names[p][0]),
+            scale=scale_l[p],
+            cell=(int(best.cells[p, 0, 0]), int(best.cells[p, 0, 1])),
+            distance=float(best.distances[p, 0]),
+            box=tuple(int(v) for v in best.boxes[p, 0]),  # type: ignore[arg-type]
+            image_size=(int(best.image_sizes[p, 0, 0]), int(best.image_sizes[p, 0, 1])),
+            class_index=cls_l[p],
         )
+        for p in range(len(cls_l))
+    ]
     missing = [p for p, s in enumerate(sources) if s is None]
-    if missing and rank == 0:
+    if missing and best.rank == 0:
         classes = sorted({cls_l[p] for p in missing})
         warnings.warn(
             f"projection: prototypes {missing} (classes {classes}) have no labelled cell of their class in the "
@@ -338,9 +240,9 @@ def project_prototypes(
             stacklevel=2,
         )
     return ProjectionResult(
-        vectors=best_v.to(old.dtype),
+        vectors=best.payload["vector"][:, 0].to(old.dtype),
         sources=sources,
-        distances=best_d.float(),
+        distances=best.distances[:, 0].float(),
         prototype_class=cls.cpu().clone(),
         prototype_scale=scale.cpu().clone(),
     )

@@ -12,8 +12,8 @@ from torch import nn
 
 from scaleprotoseg.models.heads import PrototypeHead
 from scaleprotoseg.models.segmenter import Segmenter
-from scaleprotoseg.projection import project_prototypes
-from scaleprotoseg.pruning import nearest_patches
+from scaleprotoseg.prototypes.nearest import nearest_patches
+from scaleprotoseg.prototypes.projection import project_prototypes
 
 IGNORE = 255
 C = 3

@@ -15,17 +15,16 @@ from torch.utils.data import Dataset
 from scaleprotoseg.models.heads import PrototypeHead
 from scaleprotoseg.models.segmenter import Segmenter
 from scaleprotoseg.ops import resize_labels
-from scaleprotoseg.projection import (
+from scaleprotoseg.prototypes.boxes import prototype_rates, receptive_field_box, scale_box
+from scaleprotoseg.prototypes.nearest import find_nearest_patches, nearest_patches
+from scaleprotoseg.prototypes.projection import (
     ProjectionResult,
     apply_projection,
     project_prototypes,
-    prototype_rates,
-    receptive_field_box,
     remove_duplicates,
     save_prototype_patches,
-    scale_box,
 )
-from scaleprotoseg.pruning import find_nearest_patches, nearest_patches, prune_prototypes
+from scaleprotoseg.prototypes.pruning import prune_prototypes
 
 IGNORE = 255
 C = 3

@@ -1,0 +1,244 @@
+"""Checkpoints: the typed, versioned metadata record, atomic writing, and :func:`load_model`, the one way to get a
+model back from a run (training resumes with it, prediction, evaluation and the analyses load with it).
+
+A checkpoint directory (see :mod:`scaleprotoseg.rundir`) holds weights as safetensors, ``meta.json``
+(:class:`CheckpointMeta`), the projection of its prototypes (``projection.json``, prototype models after projection)
+and, mid-stage, ``train_state.pt``: optimizer, scheduler, RNG and sampler position, made only of tensors and plain
+containers (loadable with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from scaleprotoseg.config import Config, load_config
+from scaleprotoseg.models.segmenter import Segmenter, build_model
+from scaleprotoseg.prototypes.projection import ProjectionResult
+from scaleprotoseg.rundir import FINAL, CheckpointDir, RunDir, replace_dir
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_FORMAT = f"scaleprotoseg-checkpoint/{CHECKPOINT_VERSION}"
+
+
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint says about itself (``meta.json``): enough to rebuild the model and show its output.
+
+    ``palette`` is (C, 3) uint8; ``structure`` is the head's :meth:`Segmenter.structure` (prototype classes and
+    scales, groups); ``step`` is the optimizer step of the stage when the checkpoint was written (0 for ``final/``).
+    """
+
+    method: str
+    stage: str
+    class_names: list[str]
+    palette: np.ndarray
+    ignore_index: int
+    normalization: str
+    output_stride: int
+    structure: dict[str, Any]
+    step: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def of_model(cls, model: Segmenter, *, stage: str, step: int, info: Any, normalization: str) -> CheckpointMeta:
+        """The record of ``model`` for a dataset ``info`` (``DatasetInfo``: class names, palette, ignore index)."""
+        return cls(
+            method=model.method,
+            stage=stage,
+            class_names=list(info.class_names),
+            palette=np.asarray(info.palette, dtype=np.uint8).reshape(-1, 3),
+            ignore_index=int(info.ignore_index),
+            normalization=normalization,
+            output_stride=int(model.output_stride),
+            structure=model.structure(),
+            step=int(step),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "method": self.method,
+            "stage": self.stage,
+            "step": self.step,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "palette": [list(map(int, c)) for c in self.palette],
+            "ignore_index": int(self.ignore_index),
+            "normalization": self.normalization,
+            "output_stride": self.output_stride,
+            "structure": self.structure,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | Path = "meta.json") -> CheckpointMeta:
+        """Parse a ``meta.json`` dict; ``source`` (the file) names it in errors. The format must be this version's."""
+        found = d.get("format") if isinstance(d, dict) else None
+        if found != CHECKPOINT_FORMAT:
+            raise ValueError(f"{source}: checkpoint format {found!r}; expected {CHECKPOINT_FORMAT!r}")
+        try:
+            return cls(
+                method=str(d["method"]),
+                stage=str(d.get("stage", "")),
+                class_names=[str(n) for n in d["class_names"]],
+                palette=np.asarray(d["palette"], dtype=np.uint8).reshape(-1, 3),
+                ignore_index=int(d["ignore_index"]),
+                normalization=str(d.get("normalization", "imagenet")),
+                output_stride=int(d.get("output_stride", 8)),
+                structure=dict(d["structure"]),
+                step=int(d.get("step", 0)),
+            )
+        except KeyError as err:
+            raise ValueError(f"{source}: checkpoint metadata has no {err.args[0]!r}; expected a meta.json") from err
+
+    @classmethod
+    def read(cls, path: str | Path) -> CheckpointMeta:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file {path} is missing")
+        return cls.from_dict(json.loads(path.read_text()), path)
+
+
+def write_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    meta: CheckpointMeta,
+    *,
+    train_state: dict[str, Any] | None = None,
+    projection: ProjectionResult | None = None,
+    config: Config | None = None,
+    extra: Callable[[CheckpointDir], None] | None = None,
+) -> None:
+    """Write a checkpoint into ``directory`` atomically: weights, ``meta.json`` and, when given, ``train_state.pt``,
+    ``projection.json``, ``config.yaml``; ``extra(ckpt)`` adds more files before the directory is swapped in."""
+    from scaleprotoseg.config import save_config
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+    ckpt = CheckpointDir(tmp)
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(ckpt.weights))
+        ckpt.meta.write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+        if train_state is not None:
+            torch.save(train_state, ckpt.train_state)
+        if projection is not None:
+            ckpt.projection.write_text(json.dumps(projection.to_dict(), indent=2) + "\n")
+        if config is not None:
+            save_config(config, ckpt.config)
+        if extra is not None:
+            extra(ckpt)
+        replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with an error that lists what differs."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: weights do not match the model; "
+            f"missing keys: {missing[:10]}, unexpected keys: {unexpected[:10]}"
+        )
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_model` returns: the model with its config and metadata, the directory it came from, the
+    training state (mid-stage checkpoints) and the projection of its prototypes (``None`` when there is none)."""
+
+    model: Segmenter
+    config: Config
+    meta: CheckpointMeta
+    directory: Path
+    train_state: dict[str, Any] | None
+    projection: ProjectionResult | None
+
+
+def find_checkpoint(run: RunDir, stage: str | None = None, *, partial: bool = False) -> CheckpointDir:
+    """The checkpoint directory of ``stage`` (``final/`` by default) as it is on disk, or a clear error."""
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"run directory {run.root} does not exist")
+    wanted = run.checkpoint(stage, partial=partial)
+    found = wanted.recovered()
+    if found is not None and found.weights.is_file():
+        return found
+    if stage in (None, FINAL):
+        raise FileNotFoundError(f"{run.final} has no model.safetensors; has training finished? (try --stage NAME)")
+    if found is None:
+        have = run.stages_with_checkpoints()
+        what = f"partial checkpoint for stage {stage!r}" if partial else f"checkpoint for stage {stage!r}"
+        raise FileNotFoundError(f"{run.root} has no {what}; it has: {', '.join(have) or 'none'}")
+    raise FileNotFoundError(f"checkpoint file {found.weights} is missing")
+
+
+def _read_projection(run: RunDir, ckpt: CheckpointDir, model: Segmenter) -> ProjectionResult | None:
+    """The checkpoint's ``projection.json``; for a run of the old layout, the run root's when its prototype layout
+    is the model's (as the old trainer used it); else ``None``."""
+    if ckpt.projection.is_file():
+        return ProjectionResult.load(ckpt.projection)
+    head = model.head
+    if not run.legacy_projection.is_file() or not hasattr(head, "prototypes"):
+        return None
+    legacy = ProjectionResult.load(run.legacy_projection)
+    same = torch.equal(legacy.prototype_class, head.prototype_class.cpu()) and torch.equal(
+        legacy.prototype_scale, head.prototype_scale.cpu()
+    )
+    if not same:
+        warnings.warn(
+            f"{run.legacy_projection} (old run layout) has another prototype numbering than {ckpt.path}; not used",
+            stacklevel=3,
+        )
+    return legacy if same else None
+
+
+def load_model(
+    run: str | Path | RunDir,
+    stage: str | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    partial: bool = False,
+    into: Segmenter | None = None,
+) -> LoadedCheckpoint:
+    """Load the model of ``final/`` (or of ``stage``'s checkpoint, or its mid-stage ``partial`` one) of a run.
+
+    The model is built from the checkpoint's config (``final/config.yaml``, else the run's ``config.yaml``) without
+    pretrained backbone files (the weights are stored), its head takes the stored structure, and it is moved to
+    ``device`` in eval mode. With ``into`` (training resumes), that model takes the structure and weights instead and
+    keeps its mode. Errors name the file and what was expected.
+    """
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    ckpt = find_checkpoint(run, stage, partial=partial)
+    cfg = load_config(ckpt.config if ckpt.config.is_file() else run.config)
+    cfg.model.pretrained = None
+    meta = CheckpointMeta.read(ckpt.meta)
+    try:
+        weights = load_file(str(ckpt.weights))
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{ckpt.weights}: not a readable safetensors file ({err})") from err
+    model = into if into is not None else build_model(cfg.model, meta.num_classes)
+    model.apply_structure(meta.structure)
+    load_weights(model, weights, str(ckpt.path))
+    model.to(torch.device(device))
+    if into is None:
+        model.eval()
+    train_state = None
+    if ckpt.train_state.is_file():
+        train_state = torch.load(ckpt.train_state, map_location="cpu", weights_only=True)
+    return LoadedCheckpoint(model, cfg, meta, ckpt.path, train_state, _read_projection(run, ckpt, model))
