@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 FINAL = "final"
+BASELINES = "baselines.json"  # the baselines beside a model's scores: in the run root and in each eval/ folder
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -149,7 +150,7 @@ class RunDir:
 
     @property
     def baselines(self) -> Path:
-        return self.root / "baselines.json"
+        return self.root / BASELINES
 
     @property
     def tensorboard(self) -> Path:

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from scaleprotoseg.engine.trainer import StopRequested, Trainer, TrainingDiverged
+from scaleprotoseg.rundir import RunDir
 
 
 def weights(run, stage):
@@ -76,7 +77,9 @@ def test_scaleprotoseg_all_stages(synthetic_folder, tmp_path, tiny_config):
 
 def test_protoseg_all_stages(synthetic_folder, tmp_path, tiny_config):
     run = tmp_path / "run"
-    results = Trainer(tiny_config(synthetic_folder, "protoseg"), run, device="cpu", progress=False).run_stages()
+    # every prototype fails the pruning test, so each class keeps only its best one
+    cfg = tiny_config(synthetic_folder, "protoseg", **{"train.stages.pruning.prune_threshold": 7})
+    results = Trainer(cfg, run, device="cpu", progress=False).run_stages()
     assert [r.name for r in results] == ["warmup", "joint", "projection", "pruning", "finetune"]
     pr, ft = weights(run, "pruning"), weights(run, "finetune")
     assert changed(pr, ft, "head.h_proto")
@@ -84,6 +87,17 @@ def test_protoseg_all_stages(synthetic_folder, tmp_path, tiny_config):
         if k != "head.h_proto":
             assert torch.equal(pr[k], ft[k]), k
     assert "head.grouping.weight" not in ft
+    # the projection is stored with every checkpoint whose prototypes it describes, never at the run root
+    rd = RunDir(run)
+    assert not rd.legacy_projection.exists() and not rd.checkpoint("joint").projection.exists()
+    projected = json.loads(rd.checkpoint("projection").projection.read_text())
+    pruned = json.loads(rd.checkpoint("pruning").projection.read_text())
+    assert pruned["num_prototypes"] == 3 < projected["num_prototypes"]
+    assert json.loads(rd.checkpoint("finetune").projection.read_text()) == pruned
+    # re-running pruning starts again from the projection stage's numbering (it used to select from its own output)
+    Trainer(cfg, run, device="cpu", progress=False).run_stages(only=["pruning"])
+    assert json.loads(rd.checkpoint("pruning").projection.read_text()) == pruned
+    assert json.loads(rd.checkpoint().projection.read_text()) == pruned
 
 
 def test_deeplabv2_single_stage(synthetic_folder, tmp_path, tiny_config):

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.evaluation.evaluate import evaluate
     from scaleprotoseg.evaluation.miou import write_results
     from scaleprotoseg.evaluation.plots import plot_confusion_matrix, plot_per_class_iou
-    from scaleprotoseg.rundir import RunDir
+    from scaleprotoseg.rundir import BASELINES, RunDir
 
     info_dist = dist_utils.init_distributed(args.device)
     device = dist_utils.resolve_device(args.device, info_dist)
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_baselines:
         try:
             summary["baselines"] = _baselines(
-                d, dataset, res["miou"], out / "baselines.json", args.max_images, split, args.forest
+                d, dataset, res["miou"], out / BASELINES, args.max_images, split, args.forest
             )
         except Exception as err:  # the model's results are written already; a baseline must not fail the command
             if args.debug:

@@ -30,6 +30,19 @@ def _read_png(path: Path) -> np.ndarray | None:
         return None
 
 
+def _read_manifest(directory: Path, missing: str) -> tuple[dict[int, dict[str, Any]], dict[str, Any], str | None]:
+    """(entries by prototype, the whole manifest, problem) of ``directory/manifest.json``; ``missing`` completes the
+    problem when the file does not exist."""
+    man = directory / "manifest.json"
+    if not man.is_file():
+        return {}, {}, f"{man} does not exist{missing}"
+    try:
+        data = json.loads(man.read_text())
+        return {int(e["prototype"]): e for e in data["prototypes"]}, data, None
+    except Exception as err:
+        return {}, {}, f"{man} could not be read ({err})"
+
+
 @dataclass
 class PrototypeGallery:
     """Projected training patches of the prototypes: ``patch(p)`` (uint8 RGB or ``None``) and ``source(p)``."""
@@ -60,14 +73,8 @@ class PrototypeGallery:
     @classmethod
     def load(cls, directory: Path) -> PrototypeGallery:
         """Read ``directory/manifest.json`` (``save_prototype_patches``)."""
-        man = directory / "manifest.json"
-        if not man.is_file():
-            return cls(directory, problem=f"{man} does not exist: prototype patches are shown as placeholders")
-        try:
-            entries = {int(e["prototype"]): e for e in json.loads(man.read_text())["prototypes"]}
-        except Exception as err:
-            return cls(directory, problem=f"{man} could not be read ({err})")
-        return cls(directory, entries)
+        entries, _, problem = _read_manifest(directory, ": prototype patches are shown as placeholders")
+        return cls(directory, entries, problem)
 
 
 @dataclass
@@ -96,15 +103,9 @@ class NearestGallery:
     @classmethod
     def load(cls, directory: Path) -> NearestGallery:
         """Read ``directory/manifest.json`` (``export_nearest_patches``)."""
-        man = directory / "manifest.json"
-        if not man.is_file():
-            return cls(directory, problem=f"{man} does not exist (runs trained before nearest-patch export have none)")
-        try:
-            data = json.loads(man.read_text())
-        except Exception as err:
-            return cls(directory, problem=f"{man} could not be read ({err})")
-        entries = {int(e["prototype"]): e for e in data.get("prototypes", [])}
-        return cls(directory, entries, k=int(data.get("k", 0)))
+        missing = " (runs trained before nearest-patch export have none)"
+        entries, data, problem = _read_manifest(directory, missing)
+        return cls(directory, entries, problem, k=int(data.get("k", 0)))
 
 
 def _final_stage(run: RunDir) -> str | None:
