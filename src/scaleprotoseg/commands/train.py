@@ -1,4 +1,5 @@
-"""``scaleprotoseg train``: all stages of a config into a run directory; ``--resume`` continues where it stopped."""
+"""``scaleprotoseg train``: all stages of a config into a run directory, then the nearest training patches of the
+final model for the explanations; ``--resume`` continues where it stopped."""
 
 from __future__ import annotations
 

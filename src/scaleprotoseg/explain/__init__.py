@@ -2,8 +2,8 @@
 
 - :func:`explain_image` (``explain.explainer``): prototype maps by scale, group maps, group graph, nearest training
   patches, nearest prototypes of cells and the failure view of one image, with a JSON manifest.
-- :func:`export_nearest_patches` (``explain.nearest``): the nearest training patches of the prototypes, written into
-  ``final/nearest/`` at the end of training.
+- :func:`export_final_nearest` (``explain.nearest``): the step after training that writes the nearest training
+  patches of the prototypes (:func:`export_nearest_patches`) into ``final/nearest/``.
 - :func:`build_report` (``explain.report``): ``RUN/report/index.html``.
 
 The names are imported lazily (nothing heavy happens when the package is imported). See docs/explanations.md.
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["build_report", "explain_image", "export_nearest_patches"]
+__all__ = ["build_report", "explain_image", "export_final_nearest", "export_nearest_patches"]
 
 _WHERE = {
     "explain_image": "scaleprotoseg.explain.explainer",
+    "export_final_nearest": "scaleprotoseg.explain.nearest",
     "export_nearest_patches": "scaleprotoseg.explain.nearest",
     "build_report": "scaleprotoseg.explain.report",
 }

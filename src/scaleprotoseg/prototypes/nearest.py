@@ -142,29 +142,8 @@ def nearest_patches(
     )
 
 
-def find_nearest_patches(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    k: int = 6,
-    device: torch.device | str = "cpu",
-    ignore_index: int = 255,
-    num_workers: int = 0,
-    progress: bool = True,
-    patch_label: Literal["cell", "footprint"] = "cell",
-    distributed: bool | None = None,
-) -> NearestPatches:
-    """ProtoPNet's k-nearest-patches search for every prototype, one patch (the closest cell) per image."""
-    return nearest_patches(
-        model,
-        dataset,
-        None,
-        k,
-        True,
-        device=device,
-        ignore_index=ignore_index,
-        num_workers=num_workers,
-        progress=progress,
-        patch_label=patch_label,
-        distributed=distributed,
-    )
+def find_nearest_patches(model: nn.Module, dataset: Any, *, k: int = 6, **search: Any) -> NearestPatches:
+    """ProtoPNet's k-nearest-patches search for every prototype, one patch (the closest cell) per image;
+    ``search``: the keyword options of :func:`nearest_patches` (``device``, ``ignore_index``, ``num_workers``,
+    ``progress``, ``patch_label``, ``distributed``)."""
+    return nearest_patches(model, dataset, None, k, True, **search)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,35 +49,22 @@ def prune_prototypes(
     *,
     k: int = 6,
     threshold: int = 3,
-    device: torch.device | str = "cpu",
-    ignore_index: int = 255,
-    num_workers: int = 0,
-    progress: bool = True,
-    patch_label: Literal["cell", "footprint"] = "cell",
     nearest: NearestPatches | None = None,
-    distributed: bool | None = None,
+    **search: Any,
 ) -> PruneReport:
     """ProtoPNet pruning for the ProtoSeg baseline (``prune.py``; k = 6, threshold = 3): prune a prototype when
     fewer than ``threshold`` of its ``k`` nearest training patches (one per image) belong to its class.
 
     Safeguard (not in ProtoPNet): a class never loses all its prototypes; if every prototype of a class fails,
     the best one (most own-class patches, then smallest summed patch distance, then lowest index) is kept and a
-    warning names it. Calls ``head.remove_prototypes(keep)``; pass ``nearest`` to reuse an earlier search.
+    warning names it. Calls ``head.remove_prototypes(keep)``; pass ``nearest`` to reuse an earlier search, else
+    ``search`` holds the keyword options of :func:`~scaleprotoseg.prototypes.nearest.nearest_patches` (``device``,
+    ``ignore_index``, ``num_workers``, ``progress``, ``patch_label``, ``distributed``).
     """
     head = prototype_head(unwrap(model))
     P = head.prototype_class.numel()
     if nearest is None:
-        nearest = find_nearest_patches(
-            model,
-            dataset,
-            k=k,
-            device=device,
-            ignore_index=ignore_index,
-            num_workers=num_workers,
-            progress=progress,
-            patch_label=patch_label,
-            distributed=distributed,
-        )
+        nearest = find_nearest_patches(model, dataset, k=k, **search)
     if nearest.prototype_indices.tolist() != list(range(P)):
         raise ValueError("nearest patches must cover every prototype in order; expected find_nearest_patches output")
     cls = head.prototype_class.cpu()
