@@ -220,8 +220,9 @@ def load_model(
 
     The model is built from the checkpoint's config (``final/config.yaml``, else the run's ``config.yaml``) without
     pretrained backbone files (the weights are stored), its head takes the stored structure, and it is moved to
-    ``device`` in eval mode. With ``into`` (training resumes), that model takes the structure and weights instead and
-    keeps its mode. Errors name the file and what was expected.
+    ``device`` (a ``torch.device`` or a name torch knows; resolve ``auto`` with
+    :func:`scaleprotoseg.engine.distributed.resolve_device`) in eval mode. With ``into`` (training resumes), that
+    model takes the structure and weights instead and keeps its mode. Errors name the file and what was expected.
     """
     run = run if isinstance(run, RunDir) else RunDir(run)
     ckpt = find_checkpoint(run, stage, partial=partial)
