@@ -58,3 +58,4 @@ def test_torchrun_two_processes_train_all_stages(synthetic_folder, tmp_path):
     state = json.loads((run / "state.json").read_text())
     assert state["completed"] == ["warmup", "joint", "projection", "group_warmup", "group_joint", "threshold"]
     assert (run / "final" / "model.safetensors").is_file()
+    assert (run / "final" / "nearest" / "manifest.json").is_file()  # the step after training, on rank 0
