@@ -106,7 +106,9 @@ def sparsity(run_dir: Path) -> float | None:
 
 def evaluate_split(run_dir: Path, split: str, *extra: str) -> dict[str, Any]:
     """``scaleprotoseg evaluate RUN --split SPLIT`` (the command users run); its ``summary.json``."""
-    out = run_dir / "eval" / f"final-{split}"
+    from scaleprotoseg.rundir import RunDir
+
+    out = RunDir(run_dir).eval_dir(None, split)
     cmd = [sys.executable, "-m", "scaleprotoseg", "evaluate", str(run_dir), "--split", split, "--out", str(out)]
     subprocess.run([*cmd, "--no-progress", "--device", "cpu", *extra], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())

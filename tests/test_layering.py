@@ -7,7 +7,7 @@ import scaleprotoseg
 
 ROOT = Path(scaleprotoseg.__file__).parent
 LAYER = {
-    **dict.fromkeys(("config", "ops", "rundir", "data"), 0),  # data and ops at the bottom
+    **dict.fromkeys(("config", "ops", "thresholds", "rundir", "data"), 0),  # data and ops at the bottom
     **dict.fromkeys(("losses", "models", "prototypes", "evaluation"), 1),  # models and what works on them
     "checkpoint": 2,  # checkpoints of models
     **dict.fromkeys(("engine", "predict"), 3),  # training and inference
