@@ -77,3 +77,24 @@ def test_missing_file_is_named(tmp_path):
     bad.write_text("model: [1, 2")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_stage_losses_and_groups_checked_at_load(tmp_path):
+    """An unknown loss or trainable group fails when the file loads, on one line naming file, stage, value, choices."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  stages:\n    group_warmup:\n      losses: [ce, entropyy]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "train.stages.group_warmup.losses" in msg
+    assert "'entropyy'" in msg and "ce, diversity, l1_proto, entropy, l1_group" in msg
+    path.write_text("train:\n  stages:\n    joint:\n      trainable: [backbone, protos]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "train.stages.joint.trainable" in msg
+    assert "'protos'" in msg and "backbone, aspp, prototypes, groups, last_layer" in msg
+    assert load_config(None, ["train.stages.joint.losses=[ce, l1_proto]"]).train.stages["joint"].losses == [
+        "ce",
+        "l1_proto",
+    ]

@@ -86,6 +86,10 @@ class LossConfig:
     ce_resolution: Literal["features", "labels"] = "features"
 
 
+# The loss terms a stage may name: every weight of LossConfig (its float fields) is one term of Eqs. 7 and 9.
+LOSS_TERMS = tuple(f.name for f in dataclasses.fields(LossConfig) if f.type in ("float", float))
+
+
 @dataclass
 class StageConfig:
     """One step of the multi-stage procedure."""
@@ -425,6 +429,9 @@ def validate(cfg: Config, source: str = "config") -> None:
                 fail(
                     f"train.stages.{name}.trainable: unknown group {g!r}; expected any of {', '.join(TRAINABLE_GROUPS)}"
                 )
+        for term in st.losses:
+            if term not in LOSS_TERMS:
+                fail(f"train.stages.{name}.losses: unknown loss {term!r}; expected any of {', '.join(LOSS_TERMS)}")
         for g in st.lr:
             if g not in TRAINABLE_GROUPS:
                 fail(f"train.stages.{name}.lr: unknown group {g!r}; expected any of {', '.join(TRAINABLE_GROUPS)}")

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from scaleprotoseg.config import LOSS_TERMS
 from scaleprotoseg.ops import resize_labels, upsample_logits
 
 CE_RESOLUTIONS = ("features", "labels")
@@ -163,9 +164,6 @@ def off_class_l1(weight: torch.Tensor, column_class: torch.Tensor) -> torch.Tens
     rows = torch.arange(weight.shape[0], device=weight.device).unsqueeze(1)
     off = rows != column_class.unsqueeze(0)
     return (weight.abs() * off).sum()
-
-
-LOSS_TERMS = ("ce", "diversity", "l1_proto", "entropy", "l1_group")
 
 
 def compute_losses(
