@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from scaleprotoseg.config import LOSS_TERMS
+from scaleprotoseg.models.layout import member_table
 from scaleprotoseg.ops import resize_labels, upsample_logits
 
 CE_RESOLUTIONS = ("features", "labels")
@@ -43,23 +44,6 @@ def cross_entropy(
     full = upsample_logits(logits, tuple(labels.shape[-2:]))
     total = F.cross_entropy(full, labels, ignore_index=ignore_index, reduction="sum")
     return total / (labels != ignore_index).sum().clamp_min(1)
-
-
-def member_table(
-    prototype_class: torch.Tensor, prototype_scale: torch.Tensor, num_classes: int, num_scales: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, S, M) table of prototype indices per (class, scale), padded, with its validity mask."""
-    key = prototype_class * num_scales + prototype_scale
-    counts = torch.bincount(key, minlength=num_classes * num_scales)
-    m = max(int(counts.max()), 1)
-    order = torch.argsort(key, stable=True)
-    sorted_key = key[order]
-    rank = torch.arange(len(order), device=key.device) - (torch.cumsum(counts, 0) - counts)[sorted_key]
-    index = torch.zeros(num_classes * num_scales, m, dtype=torch.long, device=key.device)
-    mask = torch.zeros_like(index, dtype=torch.bool)
-    index[sorted_key, rank] = order
-    mask[sorted_key, rank] = True
-    return index.view(num_classes, num_scales, m), mask.view(num_classes, num_scales, m)
 
 
 def diversity_loss(

@@ -5,6 +5,7 @@ from torch import nn
 from scaleprotoseg.evaluation.inference import predict_logits
 from scaleprotoseg.models import fused
 from scaleprotoseg.models.heads import DeepLabV2Head, PrototypeHead
+from scaleprotoseg.models.layout import padded_layout
 from scaleprotoseg.models.segmenter import Segmenter
 from scaleprotoseg.ops import log_activation
 
@@ -92,11 +93,11 @@ def test_grouped_head_skips_exactly_the_unused_prototypes():
 def test_padded_layout_by_hand():
     scale = torch.tensor([1, 0, 1, 1, 0])
     keep = torch.tensor([True, True, False, True, True])
-    source, slot, m = fused.padded_layout(scale, 2, keep)
+    source, slot, m = padded_layout(scale, 2, keep)
     assert m == 2  # scale 0 keeps prototypes 1 and 4, scale 1 keeps 0 and 3
     assert slot.tolist() == [2, 0, -1, 3, 1]
     assert source.tolist() == [1, 4, 0, 3]
-    source, slot, m = fused.padded_layout(scale, 2)  # all kept: m = 3, scale 0 has one padding slot
+    source, slot, m = padded_layout(scale, 2)  # all kept: m = 3, scale 0 has one padding slot
     assert m == 3 and slot.tolist() == [3, 0, 4, 5, 1]
     assert source[[0, 1, 3, 4, 5]].tolist() == [1, 4, 0, 2, 3] and scale[source[2]] in (0, 1)
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from scaleprotoseg.models.grouping import GroupingLayer, membership_table
+from scaleprotoseg.models.grouping import GroupingLayer
+from scaleprotoseg.models.layout import padded_index
 
 
 def _naive_groups(layer: GroupingLayer, act: torch.Tensor, pclass: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ def test_threshold_zeroes_small_weights_without_renormalising():
 
 def test_membership_table_and_remap_after_removal():
     pclass = torch.tensor([1, 0, 1, 0, 1])
-    index, mask = membership_table(pclass, 3)
+    index, mask = padded_index(pclass, 3)
     assert index[0][mask[0]].tolist() == [1, 3]
     assert index[1][mask[1]].tolist() == [0, 2, 4]
     assert not mask[2].any()

@@ -36,7 +36,7 @@ def blockwise_logits(
     block: int | None = None,
 ) -> torch.Tensor:
     """Logits (B, C, h, w) from sigmoid features (B, S*D, h, w) and prototypes laid out per scale (S, m, D)
-    (:func:`padded_layout`; slot ``s * m + j`` is prototype j of scale s).
+    (:func:`.layout.padded_layout`; slot ``s * m + j`` is prototype j of scale s).
 
     Works channel-first, on (S*m, T) blocks of T cells of one image (T = ``block``, default: as many cells as keep
     the block within ``BLOCK_ELEMENTS``): one batched product over the scales gives the block's distances. ``combine``
@@ -64,33 +64,6 @@ def blockwise_logits(
             torch.div(1 - eps, d.clamp_min_(eps), out=d)  # max(d, 0) + eps = max(d + eps, eps)
             out[bi, :, i : i + t] = combine(d.add_(1).log_())  # Eq. 1: log(1 + (1 - eps) / (d + eps))
     return out.view(B, num_outputs, h, w)
-
-
-def padded_layout(
-    prototype_scale: torch.Tensor, num_scales: int, keep: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Slots of a per-scale (S, m, D) layout for the prototypes in ``keep`` (default: all), m = the largest count.
-
-    Returns ``source`` (S*m,): the prototype each slot reads (padding slots repeat a kept prototype; their results
-    are never used), ``slot`` (P,): the slot of each prototype, -1 if not kept, and m.
-    """
-    P = len(prototype_scale)
-    device = prototype_scale.device
-    kept = torch.ones(P, dtype=torch.bool, device=device) if keep is None else keep.to(device)
-    order = torch.argsort(prototype_scale * 2 + (~kept).long(), stable=True)  # by scale, kept ones first
-    counts = torch.bincount(prototype_scale[kept], minlength=num_scales)
-    m = max(int(counts.max()), 1) if len(counts) else 1
-    per_scale = torch.bincount(prototype_scale, minlength=num_scales)
-    starts = torch.cumsum(per_scale, 0) - per_scale
-    scale_sorted = prototype_scale[order]
-    rank = torch.arange(P, device=device) - starts[scale_sorted]  # rank within its scale, kept ones first
-    slot = torch.full((P,), -1, dtype=torch.long, device=device)
-    is_kept = kept[order]
-    slot[order[is_kept]] = scale_sorted[is_kept] * m + rank[is_kept]
-    first = int(torch.nonzero(kept)[0]) if bool(kept.any()) else 0
-    source = torch.full((num_scales * m,), first, dtype=torch.long, device=device)
-    source[slot[kept]] = torch.nonzero(kept).flatten()
-    return source, slot, m
 
 
 def linear_combine(last_layer: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -24,27 +24,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from scaleprotoseg.models.layout import padded_index
 from scaleprotoseg.ops import project_simplex
 
 GEOMETRIC_FLOOR = 1e-6  # activations are floored here before the log of the 'geometric' form
-
-
-def membership_table(prototype_class: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded table of each class's prototypes: ``index (C, K)`` into the prototype axis and ``mask (C, K)``.
-
-    Padding entries point at prototype 0 and are masked out. A class without prototypes gets an all-false row.
-    """
-    counts = torch.bincount(prototype_class, minlength=num_classes)
-    k = max(int(counts.max().item()) if len(counts) else 0, 1)
-    order = torch.argsort(prototype_class, stable=True)
-    sorted_cls = prototype_class[order]
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order), device=prototype_class.device) - starts[sorted_cls]
-    index = torch.zeros(num_classes, k, dtype=torch.long, device=prototype_class.device)
-    mask = torch.zeros(num_classes, k, dtype=torch.bool, device=prototype_class.device)
-    index[sorted_cls, rank] = order
-    mask[sorted_cls, rank] = True
-    return index, mask
 
 
 class GroupingLayer(nn.Module):
@@ -67,7 +50,7 @@ class GroupingLayer(nn.Module):
         self.num_classes = num_classes
         self.groups_per_class = groups_per_class
         self.mode = mode
-        index, mask = membership_table(prototype_class.long(), num_classes)
+        index, mask = padded_index(prototype_class.long(), num_classes)
         self.register_buffer("member_index", index)
         self.register_buffer("member_mask", mask)
         self.register_buffer(
@@ -146,7 +129,7 @@ class GroupingLayer(nn.Module):
         num_old = int(max(int(self.member_index.max()), int(keep.max())) + 1)
         old_to_new = torch.full((num_old,), -1, dtype=torch.long, device=device)
         old_to_new[keep] = torch.arange(len(keep), device=device)
-        index, mask = membership_table(new_prototype_class.long().to(device), self.num_classes)
+        index, mask = padded_index(new_prototype_class.long().to(device), self.num_classes)
         slot_of_new = torch.full((len(keep),), -1, dtype=torch.long, device=device)  # new prototype -> its column
         slot_of_new[index[mask]] = torch.nonzero(mask, as_tuple=True)[1]
         new_idx = old_to_new[self.member_index]

@@ -17,10 +17,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from scaleprotoseg.losses import member_table
 from scaleprotoseg.models import fused
 from scaleprotoseg.models.aspp import ASPP
 from scaleprotoseg.models.grouping import GroupingLayer
+from scaleprotoseg.models.layout import member_table, padded_layout
 from scaleprotoseg.models.memo import memoised
 from scaleprotoseg.models.prototypes import PrototypeLayer, prototype_layout
 from scaleprotoseg.ops import ACTIVATION_EPS
@@ -237,17 +237,17 @@ class PrototypeHead(nn.Module):
         return self.logits_from_features(torch.sigmoid(self.aspp(x)))
 
     def _fused_plan(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
-        """The inference layout (:func:`fused.padded_layout` of the prototypes some group uses, or of all of them
+        """The inference layout (:func:`.layout.padded_layout` of the prototypes some group uses, or of all of them
         without groups), the group members' slots and the masked group weights; memoised until they change."""
         layer, g = self.prototypes, self.grouping
 
         def compute() -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
             if g is None:
-                return (*fused.padded_layout(layer.prototype_scale, self.num_scales), None, None)
+                return (*padded_layout(layer.prototype_scale, self.num_scales), None, None)
             weight = g.weight.detach() * g.member_mask.unsqueeze(1)
             used = torch.zeros(self.num_prototypes, dtype=torch.bool, device=weight.device)
             used[g.used_prototypes()] = True
-            source, slot, m = fused.padded_layout(layer.prototype_scale, self.num_scales, used)
+            source, slot, m = padded_layout(layer.prototype_scale, self.num_scales, used)
             index = slot[g.member_index].clamp_min(0)  # members no group uses have weight 0: any slot will do
             return source, slot, m, index, weight
 
