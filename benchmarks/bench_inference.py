@@ -122,7 +122,7 @@ def bench_models(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "classes": num_classes,
                     "input": f"{H}x{W}",
                     "variant": v,
-                    "prototypes": getattr(models[v].head, "num_prototypes", 0),
+                    "prototypes": head.num_prototypes if isinstance(head := models[v].head, PrototypeHead) else 0,
                     "weights_mb": _weights_mb(models[v]),
                     **results[v],
                     **extra.get(v, {}),

@@ -93,12 +93,13 @@ def sparsity(run_dir: Path) -> float | None:
     """Active prototypes per class (|last-layer weight| >= 0.005) of the final model; None for DeepLabv2."""
     from scaleprotoseg.analysis.sparsity import active_prototypes_per_class
     from scaleprotoseg.checkpoint import load_model
+    from scaleprotoseg.models.segmenter import prototype_head
 
     model = load_model(run_dir, device="cpu").model
-    head = model.head
-    if not hasattr(head, "prototype_class"):
+    head = prototype_head(model)
+    if head is None:
         return None
-    if getattr(head, "grouping", None) is not None:
+    if head.grouping is not None:
         dense = head.grouping.dense_weight(head.num_prototypes)
         return active_prototypes_per_class(head.h_group.detach(), SPARSITY_THRESHOLD, group_prototype_weights=dense)
     return active_prototypes_per_class(head.h_proto.detach(), SPARSITY_THRESHOLD)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scaleprotoseg.config import Config, load_config
+from scaleprotoseg.models.heads import PrototypeHead
 from scaleprotoseg.models.segmenter import Segmenter, build_model
 from scaleprotoseg.prototypes.projection import ProjectionResult
 from scaleprotoseg.rundir import FINAL, CheckpointDir, RunDir, replace_dir
@@ -194,7 +195,7 @@ def _read_projection(run: RunDir, ckpt: CheckpointDir, model: Segmenter) -> Proj
     if ckpt.projection.is_file():
         return ProjectionResult.load(ckpt.projection)
     head = model.head
-    if not run.legacy_projection.is_file() or not hasattr(head, "prototypes"):
+    if not run.legacy_projection.is_file() or not isinstance(head, PrototypeHead):
         return None
     legacy = ProjectionResult.load(run.legacy_projection)
     same = torch.equal(legacy.prototype_class, head.prototype_class.cpu()) and torch.equal(

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from scaleprotoseg.config import LOSS_TERMS
+from scaleprotoseg.models.heads import PrototypeHead
 from scaleprotoseg.models.layout import member_table
 from scaleprotoseg.ops import resize_labels, upsample_logits
 
@@ -176,28 +177,29 @@ def compute_losses(
         ces += [cross_entropy(lg, labels, ignore_index, res) for lg in extra_logits]
         out["ce"] = torch.stack(ces).mean()
         total = total + loss_cfg.ce * out["ce"]
-    if "diversity" in terms and output.distances is not None:
+    proto = head if isinstance(head, PrototypeHead) else None
+    if "diversity" in terms and proto is not None and output.distances is not None:
         small = resize_labels(labels, tuple(output.distances.shape[-2:]))
         out["diversity"] = diversity_loss(
             output.distances,
             small,
-            head.prototype_class,
-            head.prototype_scale,
-            head.num_classes,
-            head.num_scales,
+            proto.prototype_class,
+            proto.prototype_scale,
+            proto.num_classes,
+            proto.num_scales,
             jeffreys=loss_cfg.jeffreys,
             ignore_index=ignore_index,
-            table=head.member_table() if hasattr(head, "member_table") else None,
+            table=proto.member_table(),
         )
         total = total + loss_cfg.diversity * out["diversity"]
-    if "l1_proto" in terms and hasattr(head, "h_proto"):
-        out["l1_proto"] = off_class_l1(head.h_proto, head.prototype_class)
+    if "l1_proto" in terms and proto is not None:
+        out["l1_proto"] = off_class_l1(proto.h_proto, proto.prototype_class)
         total = total + loss_cfg.l1_proto * out["l1_proto"]
-    if "entropy" in terms and getattr(head, "grouping", None) is not None:
-        out["entropy"] = group_entropy_loss(head.grouping.weight, head.grouping.member_mask)
+    if "entropy" in terms and proto is not None and proto.grouping is not None:
+        out["entropy"] = group_entropy_loss(proto.grouping.weight, proto.grouping.member_mask)
         total = total + loss_cfg.entropy * out["entropy"]
-    if "l1_group" in terms and getattr(head, "h_group", None) is not None:
-        out["l1_group"] = off_class_l1(head.h_group, head.grouping.group_class)
+    if "l1_group" in terms and proto is not None and proto.grouping is not None and proto.h_group is not None:
+        out["l1_group"] = off_class_l1(proto.h_group, proto.grouping.group_class)
         total = total + loss_cfg.l1_group * out["l1_group"]
     out["total"] = total
     return out

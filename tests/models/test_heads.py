@@ -137,3 +137,16 @@ def test_aspp_init_std_sets_the_initial_scale():
     x = torch.randn(2, 64, 8, 8)
     ce = torch.nn.functional.cross_entropy(head(x).logits, torch.randint(0, 5, (2, 8, 8)))
     assert abs(ce.item() - math.log(5)) < 0.05
+
+
+def test_prototype_head_is_found_by_type():
+    """``prototype_head`` finds a ProtoSeg / ScaleProtoSeg head through a wrapper, and nothing on DeepLabv2."""
+    from scaleprotoseg.models.segmenter import prototype_head, unwrap
+
+    for method, head in _heads().items():
+        model = Segmenter(TinyBackbone(), head)
+        wrapped = nn.DataParallel(model)
+        assert unwrap(wrapped) is model and unwrap(model) is model
+        expected = None if method == "deeplabv2" else head
+        assert prototype_head(model) is expected and prototype_head(wrapped) is expected
+    assert prototype_head(TinyBackbone()) is None

@@ -28,6 +28,7 @@ import torch
 from scaleprotoseg.analysis.results import MetricResult
 from scaleprotoseg.analysis.stability import NOISE_STD
 from scaleprotoseg.checkpoint import CheckpointMeta, load_model
+from scaleprotoseg.models.heads import PrototypeHead
 from scaleprotoseg.rundir import RunDir
 
 METRICS = ("sparsity", "prototypes", "consistency", "stability", "components", "group-overlap", "equivariance")
@@ -97,15 +98,15 @@ class Analyzer:
 
     @property
     def has_prototypes(self) -> bool:
-        return hasattr(self.head, "prototypes")
+        return isinstance(self.head, PrototypeHead)
 
     @property
     def grouped(self) -> bool:
-        return getattr(self.head, "grouping", None) is not None
+        return isinstance(self.head, PrototypeHead) and self.head.grouped
 
     @property
     def num_scales(self) -> int:
-        return int(getattr(self.head, "num_scales", 1))
+        return self.head.num_scales if isinstance(self.head, PrototypeHead) else 1
 
     @property
     def class_names(self) -> list[str]:

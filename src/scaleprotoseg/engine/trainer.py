@@ -26,7 +26,7 @@ from scaleprotoseg.engine.group_stats import group_change, group_snapshot
 from scaleprotoseg.engine.optim import build_optimizer, build_scheduler
 from scaleprotoseg.engine.sampler import KeyedDataset, StreamSampler
 from scaleprotoseg.losses import compute_losses
-from scaleprotoseg.models.segmenter import Segmenter, build_model, msc_forward
+from scaleprotoseg.models.segmenter import Segmenter, build_model, msc_forward, prototype_head
 from scaleprotoseg.prototypes.projection import ProjectionResult
 from scaleprotoseg.rundir import CheckpointDir, RunDir, atomic_write_json, discard_dir, recover_dir
 
@@ -157,7 +157,7 @@ class Trainer:
         meta = CheckpointMeta.of_model(
             self.model, stage=stage, step=step, info=self.info, normalization=self.cfg.data.normalization
         )
-        projection = self.projection if hasattr(self.model.head, "prototypes") else None
+        projection = self.projection if prototype_head(self.model) is not None else None
         write_checkpoint(directory, self.model, meta, projection=projection, **files)
 
     def load_stage_checkpoint(self, stage: str, partial: bool = False) -> dict[str, Any] | None:
@@ -245,17 +245,18 @@ class Trainer:
     def _train_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
         head = model.head
-        if self._uses_groups(stage) and not getattr(head, "grouped", False):
-            if not hasattr(head, "enable_groups"):
+        proto = prototype_head(model)
+        if self._uses_groups(stage) and not (proto is not None and proto.grouped):
+            if proto is None:
                 raise ValueError(f"stage {name}: groups need a ScaleProtoSeg model, not {model.method}")
-            head.enable_groups()
+            proto.enable_groups()
         start_step, consumed, train_state = 0, 0, None
         if recover_dir(self.run.partial_dir(name)) is not None:
             train_state = self.load_stage_checkpoint(name, partial=True)
             start_step = int(train_state["step"])
             consumed = int(train_state["samples_consumed"])
         group_start = None  # the groups at the start of the stage (kept in the partial checkpoint to survive a resume)
-        if "groups" in stage.trainable and getattr(head, "grouping", None) is not None:
+        if "groups" in stage.trainable and proto is not None and proto.grouping is not None:
             saved = (train_state or {}).get("group_start")
             group_start = saved if saved is not None else group_snapshot(head)
         unknown = model.set_trainable(stage.trainable)
@@ -394,7 +395,7 @@ class Trainer:
     def _projection_stage(self, name: str) -> dict[str, Any]:
         from scaleprotoseg.prototypes import projection
 
-        if not hasattr(self.model.head, "prototypes"):
+        if prototype_head(self.model) is None:
             raise ValueError(f"stage {name}: projection needs a prototype model, not {self.model.method}")
         result = projection.project_prototypes(
             self.model,
@@ -437,8 +438,8 @@ class Trainer:
         }
 
     def _threshold_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
-        head = self.model.head
-        if getattr(head, "grouping", None) is None:
+        head = prototype_head(self.model)
+        if head is None or head.grouping is None:
             raise ValueError(f"stage {name}: thresholding needs trained groups (run group stages first)")
         zeroed = head.grouping.threshold_(stage.alpha)
         return {
@@ -500,7 +501,7 @@ class Trainer:
         from scaleprotoseg.prototypes.projection import save_prototype_patches
 
         def patches(final: CheckpointDir) -> None:
-            if self.projection is None or not hasattr(self.model.head, "prototypes"):
+            if self.projection is None or prototype_head(self.model) is None:
                 return
             try:
                 save_prototype_patches(self.projection, self._projection_dataset(), final.prototypes)

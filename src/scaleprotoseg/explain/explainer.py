@@ -265,7 +265,7 @@ def explain_image(
     groups_up = _LazyMaps(groups, dsize) if groups is not None else None
     pcls = head.prototype_class.detach().cpu().tolist()
     pscale = head.prototype_scale.detach().cpu().tolist()
-    multiscale = int(getattr(head, "num_scales", 1)) > 1
+    multiscale = head.num_scales > 1
     pred_grid = resize_labels(torch.from_numpy(pred), grid).numpy()
     logits_grid = mo.logits[0].float().numpy()
     cells_given = parse_cells(patches)

@@ -25,6 +25,7 @@ from torch import nn
 from scaleprotoseg.explain import figures as F
 from scaleprotoseg.explain.resources import NearestGallery, PrototypeGallery
 from scaleprotoseg.explain.structure import prototype_head
+from scaleprotoseg.models.segmenter import unwrap
 from scaleprotoseg.rundir import RunDir, replace_dir
 
 __all__ = [
@@ -94,7 +95,7 @@ def export_nearest_patches(
     head = prototype_head(model)
     if head is None:
         raise ValueError("export_nearest_patches needs a prototype model (ProtoSeg or ScaleProtoSeg), not DeepLabv2")
-    net = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    net = unwrap(model)
     if device is None:
         device = next((p.device for p in net.parameters()), torch.device("cpu"))
     device = torch.device(device)
@@ -102,7 +103,7 @@ def export_nearest_patches(
         ignore_index = int(getattr(getattr(dataset, "info", None), "ignore_index", 255))
     P = int(head.prototype_class.numel())
     if prototype_indices is None:
-        grouping = getattr(head, "grouping", None)
+        grouping = head.grouping
         prototype_indices = grouping.used_prototypes().cpu().tolist() if grouping is not None else list(range(P))
     q_idx = sorted({int(p) for p in prototype_indices})
     out = Path(out_dir)

@@ -91,8 +91,10 @@ def _val_dataset(cfg: Any) -> tuple[Any, str | None]:
 # Sections
 # ---------------------------------------------------------------------------------------------------------------
 def _summary(run: RunDir, predictor: Any, out: Path) -> str:
+    from scaleprotoseg.explain.structure import prototype_head
+
     cfg, info = predictor.cfg, predictor.info
-    head = getattr(predictor.model, "head", None)
+    head = prototype_head(predictor.model)
     state = _read_json(run.state_file) or {}
     env = _read_json(run.env) or {}
     items: dict[str, Any] = {
@@ -105,10 +107,10 @@ def _summary(run: RunDir, predictor: Any, out: Path) -> str:
         "dataset": f"{cfg.data.name} ({cfg.data.root})",
         "classes": len(info.class_names),
     }
-    if head is not None and hasattr(head, "prototype_class"):
+    if head is not None:
         items["prototypes"] = int(head.prototype_class.numel())
-        items["scales"] = int(getattr(head, "num_scales", 1))
-        if getattr(head, "grouping", None) is not None:
+        items["scales"] = head.num_scales
+        if head.grouping is not None:
             items["groups"] = f"{head.grouping.num_groups} ({head.grouping.groups_per_class} per class)"
             items["prototypes used by groups"] = int(head.grouping.used_prototypes().numel())
     if env:
@@ -358,7 +360,7 @@ def _prototypes(run: RunDir, predictor: Any, out: Path) -> str:
     names = list(info.class_names)
     palette = np.asarray(info.palette, dtype=np.uint8).reshape(-1, 3)
     gallery, _ = load_galleries(run.root, predictor.stage)
-    multiscale = int(getattr(head, "num_scales", 1)) > 1
+    multiscale = head.num_scales > 1
     body = []
     if gallery.problem:
         body.append(f'<p class="note">{esc(gallery.problem)}</p>')

@@ -10,16 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+
+from scaleprotoseg.models.heads import PrototypeHead
+from scaleprotoseg.models.segmenter import prototype_head
 
 __all__ = ["ClassStructure", "class_structure", "prototype_head"]
-
-
-def prototype_head(model: nn.Module) -> nn.Module | None:
-    """The model's prototype head (ProtoSeg / ScaleProtoSeg), or ``None`` for DeepLabv2."""
-    net = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-    head = getattr(net, "head", None)
-    return head if head is not None and hasattr(head, "prototype_class") else None
 
 
 @dataclass
@@ -108,7 +103,7 @@ class ClassStructure:
 
 
 @torch.no_grad()
-def class_structure(head: nn.Module, class_index: int, class_names: list[str] | None = None) -> ClassStructure:
+def class_structure(head: PrototypeHead, class_index: int, class_names: list[str] | None = None) -> ClassStructure:
     """Read the structure of ``class_index`` from a prototype head (``prototype_class``, ``prototype_scale``,
     ``grouping.weight`` via ``dense_weight``, ``h_group`` / ``h_proto``)."""
     c = int(class_index)
@@ -119,7 +114,7 @@ def class_structure(head: nn.Module, class_index: int, class_names: list[str] | 
     protos.sort(key=lambda p: (int(scale[p]), p))
     scales = {p: int(scale[p]) for p in protos}
     name = class_names[c] if class_names and c < len(class_names) else str(c)
-    grouping = getattr(head, "grouping", None)
+    grouping = head.grouping
     if grouping is None:
         h = head.h_proto.detach().cpu()
         weights = {p: float(h[c, p]) for p in protos if float(h[c, p]) != 0.0}

@@ -12,6 +12,12 @@ from scaleprotoseg.models.heads import DeepLabV2Head, ModelOutput, PrototypeHead
 from scaleprotoseg.ops import resize_image
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under a DDP / DataParallel wrapper (DDP's forward syncs buffers and would hang on uneven
+    shards)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) else model
+
+
 class Segmenter(nn.Module):
     """``backbone -> head``; ``forward(x (B, 3, H, W)) -> ModelOutput`` on the backbone's feature grid."""
 
@@ -122,3 +128,9 @@ def build_model(model_cfg: Any, num_classes: int) -> Segmenter:
     else:
         raise ValueError(f"model.method {model_cfg.method!r}; expected scaleprotoseg, protoseg or deeplabv2")
     return Segmenter(backbone, head)
+
+
+def prototype_head(model: nn.Module) -> PrototypeHead | None:
+    """The prototype head (ProtoSeg / ScaleProtoSeg) of a model, wrapped or not; ``None`` for DeepLabv2."""
+    net = unwrap(model)
+    return net.head if isinstance(net, Segmenter) and isinstance(net.head, PrototypeHead) else None

@@ -18,7 +18,7 @@ def prototype_rates(head: nn.Module) -> list[int]:
     largest rate for ProtoSeg's summed ASPP (one scale)."""
     rates = [int(r) for r in head.aspp.rates]
     scales = head.prototype_scale.tolist()
-    if int(getattr(head, "num_scales", 1)) == 1:
+    if head.num_scales == 1:
         return [max(rates)] * len(scales)
     return [rates[s] for s in scales]
 

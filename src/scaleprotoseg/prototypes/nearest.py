@@ -98,7 +98,7 @@ def nearest_patches(
     )
     if q_idx.numel() and (int(q_idx.min()) < 0 or int(q_idx.max()) >= P):
         raise ValueError(f"prototype_indices {q_idx.tolist()} out of range; the model has {P} prototypes")
-    num_classes = int(getattr(head, "num_classes", int(head.prototype_class.max()) + 1))
+    num_classes = head.num_classes
     own_cls = head.prototype_class.to(device).index_select(0, q_idx.to(device)).tolist()
 
     def labelled_cells(maps: ImageMaps) -> tuple[torch.Tensor, torch.Tensor]:

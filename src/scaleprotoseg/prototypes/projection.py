@@ -190,7 +190,7 @@ def project_prototypes(
     head = prototype_head(unwrap(model))
     cls = head.prototype_class.to(device)
     scale = head.prototype_scale.to(device)
-    num_scales = int(getattr(head, "num_scales", 1))
+    num_scales = head.num_scales
     old = head.prototypes.prototypes.detach()
     D = old.shape[1]
 

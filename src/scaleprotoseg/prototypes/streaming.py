@@ -20,21 +20,19 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm import tqdm
 
+from scaleprotoseg.models import segmenter
+from scaleprotoseg.models.heads import PrototypeHead
+from scaleprotoseg.models.segmenter import unwrap
 from scaleprotoseg.ops import resize_labels
 from scaleprotoseg.prototypes.boxes import prototype_rates, receptive_field_box
 
 SENTINEL = torch.iinfo(torch.int64).max  # dataset / cell index of an empty slot: sorts after every real key
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module (not the DDP wrapper: DDP's forward syncs buffers and would hang on uneven shards)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-
-
-def prototype_head(net: nn.Module) -> nn.Module:
+def prototype_head(net: nn.Module) -> PrototypeHead:
     """The prototype head of ``net``, or an error naming the model."""
-    head = getattr(net, "head", None)
-    if head is None or not hasattr(head, "prototype_class"):
+    head = segmenter.prototype_head(net)
+    if head is None:
         raise ValueError(f"model {type(net).__name__} has no prototype head; projection needs ProtoSeg/ScaleProtoSeg")
     return head
 
@@ -85,7 +83,7 @@ def unpack_item(item: dict[str, Any], pos: int, device: torch.device) -> tuple[t
 
 def forward_maps(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = net(x)
-    if getattr(out, "distances", None) is None or getattr(out, "features", None) is None:
+    if out.distances is None or out.features is None:
         raise ValueError("model output has no distances/features; projection needs a prototype head")
     return out.features[0], out.distances[0]
 
@@ -298,7 +296,7 @@ def best_k(
         first, *others = slots.gathered(device)
         slots = first.merge(others)
         meta = {key: v for m in all_gather_object(meta) for key, v in m.items()}
-    return _result(slots, rows, meta, prototype_rates(head), int(getattr(net, "output_stride", 8)), rank)
+    return _result(slots, rows, meta, prototype_rates(head), int(net.output_stride), rank)
 
 
 def _result(slots: _Slots, rows: torch.Tensor, meta: dict[int, Any], rates: list[int], stride: int, rank: int) -> BestK:
