@@ -3,24 +3,24 @@
 For each set and method, ``configs/samples/<set>_<method>.yaml`` is trained with the library's trainer
 (``Trainer(cfg, run_dir).run_stages()``) once per seed (``--set train.seed=S``), each run in its own folder
 ``bench-results/quality/<set>/<method>/seed<S>/``. All three methods share the CPU budget of ``configs/samples``
-(EfficientNet-Lite0 with the packaged ImageNet weights, 128-pixel crops, batch 4; 200 steps with the backbone
+(EfficientNet-Lite0 with the packaged ImageNet weights, 128-pixel crops, batch 4; 340 steps with the backbone
 trainable for each method, then the interpretable methods' own extra stages). Reported per (set, method): validation
-mIoU mean and sample std over the seeds (the final stage's whole-image validation), prototypes after projection (after
-duplicate removal) and after grouping + thresholding (ScaleProtoSeg: ``prototypes_used``) or after pruning (ProtoSeg),
-both from the ``stage_end`` records of ``metrics.jsonl``, and the sparsity score of Tables 3-4 (active prototypes per
-class with |last-layer weight| >= 0.005, from the final checkpoint via ``checkpoint.load_model`` and
-``analysis.sparsity.active_prototypes_per_class``).
+mIoU mean and sample std over the seeds (the final stage's whole-image validation), train mIoU (``scaleprotoseg
+evaluate RUN --split train``), which baselines the mean beats, prototypes after projection (after duplicate removal)
+and after grouping + thresholding (ScaleProtoSeg: ``prototypes_used``) or after pruning (ProtoSeg), both from the
+``stage_end`` records of ``metrics.jsonl``, and the sparsity score of Tables 3-4 (active prototypes per class with
+|last-layer weight| >= 0.005, from the final checkpoint via ``checkpoint.load_model``). A first table gives the
+baselines of each set on the same validation split (majority class, Otsu threshold, and the pixel forest when
+scikit-learn is installed), computed by ``scaleprotoseg evaluate --forest`` beside the last run of the set.
 
-Budget (2-core CPU, measured with other jobs running): one seed of nuclei (30 training images of 256-512 pixels, 12
-validation images) took 5.2 min for DeepLabv2 (200 steps), 5.8 min for ProtoSeg (310 steps + projection + pruning)
-and 5.5 min for ScaleProtoSeg (310 steps + projection), i.e. about 1.1-1.6 s per step including projection and
-the validations, 16.5 min per seed. The default ``--sets nuclei --seeds 0,1,2`` therefore takes about 50 minutes on
-that loaded machine (about 30-35 on an idle one), under the 60-minute limit; ``brain`` (44 + 12 slices) would add
-about as much again, so it is not a default. ``OMP_WAIT_POLICY=PASSIVE`` is set unless the environment sets it (see
-``common.py``); on a busy machine ``--threads 1`` is as fast. ``--quick`` runs 2 steps per training stage on 4 images
-(a smoke test: the numbers mean nothing). If ``data/samples/<set>`` is missing, it is built first with
-``python -m scaleprotoseg data samples``; each invocation trains on a copy of the set made under
-``<out>/quality/data/`` so that rebuilding the sample sets meanwhile cannot break the runs.
+Budget (2-core CPU): one seed of nuclei took 5-10 min for DeepLabv2, 9-10 min for ProtoSeg and 8-12 min for
+ScaleProtoSeg while other training jobs shared the two cores (about half that alone), so the default ``--sets nuclei
+--seeds 0,1,2`` takes about an hour on a busy machine and well under one on an idle one. ``OMP_WAIT_POLICY=PASSIVE``
+is set unless the environment sets it (see ``common.py``); on a busy machine ``--threads 1`` is as fast. ``--quick``
+runs 2 steps per training stage on 4 images (a smoke test: the numbers mean nothing; no forest, no train mIoU). If
+``data/samples/<set>`` is missing, it is built first with ``python -m scaleprotoseg data samples``; each invocation
+trains on a copy of the set made under ``<out>/quality/data/`` so that rebuilding the sample sets meanwhile cannot
+break the runs.
 """
 
 from __future__ import annotations
