@@ -82,18 +82,17 @@ def test_missing_file_is_named(tmp_path):
 def test_stage_losses_and_groups_checked_at_load(tmp_path):
     """An unknown loss or trainable group fails when the file loads, on one line naming file, stage, value, choices."""
     path = tmp_path / "run.yaml"
-    path.write_text("train:\n  stages:\n    group_warmup:\n      losses: [ce, entropyy]\n")
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    msg = str(err.value)
-    assert "\n" not in msg and str(path) in msg and "train.stages.group_warmup.losses" in msg
-    assert "'entropyy'" in msg and "ce, diversity, l1_proto, entropy, l1_group" in msg
-    path.write_text("train:\n  stages:\n    joint:\n      trainable: [backbone, protos]\n")
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    msg = str(err.value)
-    assert "\n" not in msg and str(path) in msg and "train.stages.joint.trainable" in msg
-    assert "'protos'" in msg and "backbone, aspp, prototypes, groups, last_layer" in msg
+    cases = [
+        ("group_warmup", "losses", "[ce, entropyy]", "'entropyy'", "ce, diversity, l1_proto, entropy, l1_group"),
+        ("joint", "trainable", "[backbone, protos]", "'protos'", "backbone, aspp, prototypes, groups, last_layer"),
+    ]
+    for stage, field, value, bad, allowed in cases:
+        path.write_text(f"train:\n  stages:\n    {stage}:\n      {field}: {value}\n")
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        msg = str(err.value)
+        assert "\n" not in msg and str(path) in msg and f"train.stages.{stage}.{field}" in msg
+        assert bad in msg and allowed in msg
     assert load_config(None, ["train.stages.joint.losses=[ce, l1_proto]"]).train.stages["joint"].losses == [
         "ce",
         "l1_proto",
