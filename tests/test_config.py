@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from scaleprotoseg.config import ConfigError, default_stages, load_config, save_config, to_dict
+from scaleprotoseg.config import ConfigError, default_stages, load_config, resolve_config_path, save_config, to_dict
 
 CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").rglob("*.yaml") if not p.name.startswith("_"))
 
@@ -97,3 +97,22 @@ def test_stage_losses_and_groups_checked_at_load(tmp_path):
         "ce",
         "l1_proto",
     ]
+
+
+def test_output_stride_error_names_every_supported_value():
+    with pytest.raises(ConfigError, match=r"model.output_stride: 4 is not supported; expected 8, 16 or 32"):
+        load_config(None, ["model.output_stride=4"])
+    assert load_config(None, ["model.output_stride=32"]).model.output_stride == 32
+
+
+def test_configs_path_falls_back_to_the_shipped_copy(tmp_path, monkeypatch):
+    """From a directory without ``configs/``, ``configs/...`` is read from the package's copy of the configs."""
+    monkeypatch.chdir(tmp_path)
+    shipped = resolve_config_path("configs/samples/nuclei_scaleprotoseg.yaml")
+    assert shipped.is_absolute() and shipped.is_file() and shipped.parent.parent.name == "configs"
+    assert load_config("configs/samples/nuclei_scaleprotoseg.yaml").name == "nuclei-scaleprotoseg"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "own.yaml").write_text("name: own\n")
+    assert resolve_config_path("configs/own.yaml") == Path("configs/own.yaml")  # a local file comes first
+    with pytest.raises(FileNotFoundError, match="configs/none.yaml"):
+        load_config("configs/none.yaml")

@@ -136,7 +136,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Default schedules (REFERENCE-NOTES schedule table, Cityscapes values)
+# Default schedules (the Cityscapes schedule of docs/paper-map.md, "Numbers the paper leaves out")
 
 
 def _prototype_stages() -> dict[str, StageConfig]:
@@ -387,9 +387,20 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
     return cfg
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it exists; else a relative ``configs/...`` path is looked up in the copy of ``configs/``
+    that the installed package ships (``scaleprotoseg/configs``), so the shipped configs work from any directory."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or not path.parts or path.parts[0] != "configs":
+        return path
+    shipped = Path(__file__).parent.joinpath(*path.parts)
+    return shipped if shipped.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply ``--set`` overrides; a missing
+    ``configs/...`` path falls back to the shipped configs (:func:`resolve_config_path`)."""
+    data = _read_yaml(resolve_config_path(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return build_config(data, str(path) if path else "config")
 
@@ -412,7 +423,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     if m.backbone == "unet" and m.output_stride != 1:
         fail(f"model.output_stride: {m.output_stride}; the U-Net keeps full resolution, expected 1")
     elif m.backbone != "unet" and m.output_stride not in (8, 16, 32):
-        fail(f"model.output_stride: {m.output_stride} is not supported; expected 8 or 16")
+        fail(f"model.output_stride: {m.output_stride} is not supported; expected 8, 16 or 32")
     if not m.aspp_rates:
         fail("model.aspp_rates: expected at least one atrous rate")
     if m.aspp_channels <= 0 or m.prototypes_per_class <= 0 or m.groups_per_class <= 0:
