@@ -2,9 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of PyTorch 2.13.0 installs from local disk in seconds; a plain `torch`
-# requirement would pull a multi-GB CUDA build. Override with TORCH_SPEC="torch==X" for GPUs.
+# PyTorch is installed first, on its own: TORCH_SPEC is the requirement, TORCH_INDEX the index to take it from. Where
+# pip finds no local CPU wheel, PyPI's plain `torch` is a multi-GB CUDA build; for the CPU build use
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# and for a GPU, e.g., TORCH_INDEX=https://download.pytorch.org/whl/cu130 (the CUDA version your driver supports).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 SAMPLES ?= data/samples
 DEMO_RUN ?= runs/demo-nuclei
 
@@ -13,7 +16,7 @@ DEMO_RUN ?= runs/demo-nuclei
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test,dev]"
 	touch $@
 
