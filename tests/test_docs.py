@@ -228,3 +228,16 @@ def test_the_checks_find_what_is_wrong():
     assert not _config_key("data.crop") and not _config_key("train.stages.joint.step")
     page = ROOT / "README.md"
     assert "data samples --out data/samples" in _commands(page) and "docs/paper-map.md" in _paths(page)
+
+
+def test_one_version_source_and_shipped_configs():
+    """The version is written once (``scaleprotoseg.__version__``); the package's link to configs/ sees every file."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "scaleprotoseg.__version__"}
+    assert not re.search(r"^version:", (ROOT / "CITATION.cff").read_text(), re.M)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", scaleprotoseg.__version__)
+    shipped = Path(scaleprotoseg.__file__).parent / "configs"
+    mine = sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml"))
+    assert mine and sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml")) == mine
