@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from scaleprotoseg.models.heads import DeepLabV2Head, PrototypeHead, class_assignment_weights
+from scaleprotoseg.models.heads import DeepLabV2Head, ProtoSegHead, ScaleProtoSegHead, class_assignment_weights
 from scaleprotoseg.models.segmenter import Segmenter, msc_forward
 
 
@@ -25,8 +25,8 @@ class TinyBackbone(nn.Module):
 def _heads(C=3):
     return {
         "deeplabv2": DeepLabV2Head(8, C, rates=(1, 2)),
-        "protoseg": PrototypeHead(8, C, method="protoseg", rates=(1, 2), dim=4, prototypes_per_class=5),
-        "scaleprotoseg": PrototypeHead(8, C, method="scaleprotoseg", rates=(1, 2, 3), dim=4, prototypes_per_class=2),
+        "protoseg": ProtoSegHead(8, C, rates=(1, 2), dim=4, prototypes_per_class=5),
+        "scaleprotoseg": ScaleProtoSegHead(8, C, rates=(1, 2, 3), dim=4, prototypes_per_class=2),
     }
 
 
