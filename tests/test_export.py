@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from scaleprotoseg.checkpoint import CheckpointMeta, write_checkpoint
-from scaleprotoseg.config import load_config
 from scaleprotoseg.export import (
     FORMATS,
     ExportModule,
@@ -21,58 +17,10 @@ from scaleprotoseg.export import (
     read_metadata,
     run_exported,
 )
-from scaleprotoseg.models.segmenter import Segmenter, build_model
-from scaleprotoseg.rundir import RunDir
+from scaleprotoseg.models.segmenter import Segmenter
 
-INFO = SimpleNamespace(
-    class_names=["background", "square", "disc"],
-    palette=np.array([[0, 0, 0], [200, 30, 30], [30, 30, 210]], np.uint8),
-    ignore_index=255,
-)
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
-
-
-def tiny_model(method: str, *, grouped: bool = False, seed: int = 0):
-    """A 31k-parameter U-Net model on 16x16 inputs; grouped ScaleProtoSeg heads get thresholded groups (some
-    prototypes unused) and, with a prototype removed, a layout that is not the same at every scale."""
-    torch.manual_seed(seed)
-    cfg = load_config(
-        None,
-        [
-            f"model.method={method}",
-            "model.backbone=unet",
-            "model.output_stride=1",
-            "model.backbone_options={base_channels: 2}",
-            "model.aspp_rates=[1, 2]",
-            "model.aspp_channels=4",
-            "model.prototypes_per_class=2",
-            "model.groups_per_class=2",
-            "data.crop_size=[16, 16]",
-        ],
-    )
-    model = build_model(cfg.model, 3)
-    if grouped:
-        head = model.head
-        head.remove_prototypes(torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]))  # one fewer at scale 0
-        head.enable_groups()
-        with torch.no_grad():
-            head.grouping.weight.copy_(torch.rand(head.grouping.weight.shape) ** 3)
-        head.project_groups_()
-        head.threshold_groups_(0.3)
-    return model.eval(), cfg
-
-
-def write_run(root: Path, method: str, *, grouped: bool = False) -> Path:
-    """A run directory with only a ``final/`` checkpoint (no training)."""
-    model, cfg = tiny_model(method, grouped=grouped)
-    run = RunDir(root)
-    root.mkdir(parents=True, exist_ok=True)
-    from scaleprotoseg.config import save_config
-
-    save_config(cfg, run.config)
-    meta = CheckpointMeta.of_model(model, stage="final", step=0, info=INFO, normalization="imagenet")
-    write_checkpoint(run.final, model, meta, config=cfg)
-    return root
+CLASS_NAMES = ["background", "square", "disc"]
 
 
 CASES = [("deeplabv2", False, "logits"), ("protoseg", False, "logits,prototypes"), ("scaleprotoseg", True, "all")]
@@ -83,7 +31,7 @@ def _outputs(spec: str) -> list[str]:
 
 
 @pytest.mark.parametrize("method,grouped,outputs", CASES)
-def test_torch_export_of_the_model_gives_its_outputs(method, grouped, outputs):
+def test_torch_export_of_the_model_gives_its_outputs(method, grouped, outputs, tiny_model):
     model, _ = tiny_model(method, grouped=grouped)
     module = ExportModule(model, _outputs(outputs)).eval()
     x = torch.randn(2, 3, 16, 16)
@@ -97,7 +45,7 @@ def test_torch_export_of_the_model_gives_its_outputs(method, grouped, outputs):
         torch.testing.assert_close(g, expected[name])
 
 
-def test_torch_export_and_trace_of_the_inference_path():
+def test_torch_export_and_trace_of_the_inference_path(tiny_model):
     """``Segmenter.logits`` without autograd (the blockwise path of models.fused) exports and traces too."""
     model, _ = tiny_model("scaleprotoseg", grouped=True)
 
@@ -119,7 +67,7 @@ def test_torch_export_and_trace_of_the_inference_path():
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
-def test_files_give_the_model_outputs_and_carry_the_metadata(tmp_path, fmt):
+def test_files_give_the_model_outputs_and_carry_the_metadata(tmp_path, fmt, tiny_model):
     model, _ = tiny_model("scaleprotoseg", grouped=True)
     path = tmp_path / f"model.{fmt}"
     module = export_model(model, path, fmt, outputs=["groups", "logits"], size=(16, 16), metadata={"k": 1})
@@ -135,13 +83,13 @@ def test_files_give_the_model_outputs_and_carry_the_metadata(tmp_path, fmt):
 
 @pytest.mark.skipif(not HAS_ONNX, reason="onnx, onnxscript and onnxruntime are not installed (extra 'export')")
 @pytest.mark.parametrize("method,grouped,outputs", CASES)
-def test_onnx_runs_in_onnxruntime_like_pytorch(tmp_path, method, grouped, outputs):
-    run = write_run(tmp_path / "run", method, grouped=grouped)
+def test_onnx_runs_in_onnxruntime_like_pytorch(tmp_path, method, grouped, outputs, tiny_run):
+    run = tiny_run(tmp_path / "run", method, grouped=grouped)
     result = export_run(run, tmp_path / "model.onnx", "onnx", outputs=_outputs(outputs), size=(16, 24))
     assert result.check is not None and result.size == (16, 24)
     assert result.check.worst_rel < 1e-5, result.check
     meta = read_metadata(result.path, "onnx")
-    assert meta["class_names"] == INFO.class_names and meta["outputs"] == list(result.outputs)
+    assert meta["class_names"] == CLASS_NAMES and meta["outputs"] == list(result.outputs)
     assert meta["input"]["shape"] == [1, 3, 16, 24] and meta["normalization"] == "imagenet"
     import onnxruntime as ort
 
@@ -156,14 +104,14 @@ def test_onnx_runs_in_onnxruntime_like_pytorch(tmp_path, method, grouped, output
     np.testing.assert_allclose(got[0], logits.numpy(), rtol=1e-4, atol=1e-5 * float(logits.abs().max()))
 
 
-def test_export_run_defaults_to_the_crop_size_and_checks_itself(tmp_path):
-    run = write_run(tmp_path / "run", "protoseg")
+def test_export_run_defaults_to_the_crop_size_and_checks_itself(tmp_path, tiny_run):
+    run = tiny_run(tmp_path / "run", "protoseg")
     result = export_run(run, tmp_path / "m.pt2", "exported-program")
     assert result.size == (16, 16) and result.outputs == ("logits",)
     assert result.check is not None and result.check.max_abs["logits"] < 1e-5
 
 
-def test_outputs_a_model_cannot_give_are_one_line_errors():
+def test_outputs_a_model_cannot_give_are_one_line_errors(tiny_model):
     deeplab, _ = tiny_model("deeplabv2")
     with pytest.raises(ValueError, match="'prototypes': a deeplabv2 model has no prototypes"):
         check_outputs(deeplab, ["logits", "prototypes"])
