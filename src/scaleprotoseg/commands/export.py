@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
         out = save_pretrained(args.run, args.out, stage=args.stage)
         print(f"wrote {out} (model.safetensors, config.json, README.md); load it with from_pretrained({str(out)!r})")
-        print(f"to share it: huggingface-cli upload USER/NAME {out}  (or scaleprotoseg.pretrained.upload)")
+        print(f"to share it: hf upload USER/NAME {out}  (huggingface_hub CLI, or scaleprotoseg.pretrained.upload)")
         return 0
     from scaleprotoseg.export import export_run
 
