@@ -164,7 +164,7 @@ def test_head_types_and_make_head():
     assert type(heads["deeplabv2"]) is DeepLabV2Head
     assert type(heads["protoseg"]) is ProtoSegHead and heads["protoseg"].num_scales == 1
     assert type(heads["scaleprotoseg"]) is ScaleProtoSegHead and heads["scaleprotoseg"].num_scales == 2
-    assert not hasattr(heads["protoseg"], "enable_groups")  # only ScaleProtoSeg composes groups
+    assert not hasattr(ProtoSegHead, "enable_groups")  # only ScaleProtoSeg composes groups
     assert heads["protoseg"].grouping is None and heads["protoseg"].h_group is None
     with pytest.raises(ValueError, match="expected one of deeplabv2, protoseg, scaleprotoseg"):
         make_head("protopnet", 8, 3)
