@@ -44,7 +44,7 @@ from common import (
 )
 
 from scaleprotoseg.config import ModelConfig
-from scaleprotoseg.models.heads import PrototypeHead
+from scaleprotoseg.models.heads import PrototypeHead, ScaleProtoSegHead
 from scaleprotoseg.models.segmenter import Segmenter, build_model
 
 PROTOSEG_PER_CLASS = {19: 10, 150: 12}  # paper: 10 prototypes per class (Cityscapes), 12 (ADE20K)
@@ -64,7 +64,7 @@ def build(method: str, backbone: str, num_classes: int, device: torch.device) ->
 
 
 @torch.no_grad()
-def sparse_groups_(head: PrototypeHead, nonzero: int, generator: torch.Generator, alpha: float = 0.05) -> float:
+def sparse_groups_(head: ScaleProtoSegHead, nonzero: int, generator: torch.Generator, alpha: float = 0.05) -> float:
     """Trained-like groups: each row keeps ``nonzero`` random members with random weights summing to 1, then weights
     below ``alpha`` are zeroed (no renormalisation). Returns the mean number of non-zero weights per row."""
     grouping = head.grouping
@@ -77,7 +77,7 @@ def sparse_groups_(head: PrototypeHead, nonzero: int, generator: torch.Generator
     w = torch.where(keep, torch.rand(C, N, K, generator=generator) + 0.1, torch.zeros(()))
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
     grouping.weight.copy_(w.to(grouping.weight.device))
-    grouping.threshold_(alpha)
+    head.threshold_groups_(alpha)  # the inference layout follows the new weights
     return float((grouping.weight > 0).sum(-1).float().mean())
 
 
@@ -106,7 +106,7 @@ def bench_models(args: argparse.Namespace) -> list[dict[str, Any]]:
             for variant in ("grouped", "thresholded"):
                 model = copy.deepcopy(models["scaleprotoseg"])
                 model.head.enable_groups()
-                model.head.grouping.project_()
+                model.head.project_groups_()
                 if variant == "thresholded":
                     nz = sparse_groups_(model.head, args.nonzero, gen)
                 else:
@@ -229,7 +229,7 @@ def bench_head(args: argparse.Namespace) -> list[dict[str, Any]]:
     for num_classes in args.classes:
         H, W = args.sizes[num_classes]
         h, w = -(-H // 8), -(-W // 8)
-        head = PrototypeHead(8, num_classes, method="scaleprotoseg", dim=64, prototypes_per_class=3)
+        head = ScaleProtoSegHead(8, num_classes, dim=64, prototypes_per_class=3)
         head.enable_groups()
         nz = sparse_groups_(head, args.nonzero, gen)
         used = int(head.grouping.used_prototypes().numel())

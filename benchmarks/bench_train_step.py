@@ -44,7 +44,7 @@ from common import (
 from scaleprotoseg.config import LossConfig, ModelConfig, StageConfig, default_stages
 from scaleprotoseg.engine.optim import build_optimizer, build_scheduler
 from scaleprotoseg.losses import compute_losses
-from scaleprotoseg.models.heads import PrototypeHead
+from scaleprotoseg.models.heads import ScaleProtoSegHead
 from scaleprotoseg.models.segmenter import Segmenter, build_model
 
 STAGE1_TARGET = 1.15  # stage 1 / DeepLabv2
@@ -88,8 +88,8 @@ def make_step(
         losses["total"].backward()
         optimizer.step()
         scheduler.step()
-        if isinstance(head, PrototypeHead) and head.grouping is not None and "groups" in stage.trainable:
-            head.grouping.project_()
+        if isinstance(head, ScaleProtoSegHead) and head.grouping is not None and "groups" in stage.trainable:
+            head.project_groups_()
         last.update({k: float(v.detach()) for k, v in losses.items()})
         return last
 

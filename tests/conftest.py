@@ -1,4 +1,5 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -108,3 +109,68 @@ def trained_runs(tmp_path_factory):
         export_final_nearest(run)
         out[method] = run
     return out
+
+
+TINY_INFO = SimpleNamespace(
+    class_names=["background", "square", "disc"],
+    palette=np.array([[0, 0, 0], [200, 30, 30], [30, 30, 210]], np.uint8),
+    ignore_index=255,
+)
+
+
+def make_tiny_model(method: str, *, grouped: bool = False, seed: int = 0):
+    """(model in eval mode, config): a 31k-parameter U-Net model for 16x16 inputs, 3 classes. Grouped ScaleProtoSeg
+    heads lose one scale-0 prototype (a layout uneven across scales) and get thresholded groups (some prototypes
+    unused)."""
+    from scaleprotoseg.models.segmenter import build_model
+
+    torch.manual_seed(seed)
+    cfg = load_config(
+        None,
+        [
+            f"model.method={method}",
+            "model.backbone=unet",
+            "model.output_stride=1",
+            "model.backbone_options={base_channels: 2}",
+            "model.aspp_rates=[1, 2]",
+            "model.aspp_channels=4",
+            "model.prototypes_per_class=2",
+            "model.groups_per_class=2",
+            "data.crop_size=[16, 16]",
+        ],
+    )
+    model = build_model(cfg.model, len(TINY_INFO.class_names))
+    if grouped:
+        head = model.head
+        head.remove_prototypes(torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]))
+        head.enable_groups()
+        with torch.no_grad():
+            head.grouping.weight.copy_(torch.rand(head.grouping.weight.shape) ** 3)
+        head.project_groups_()
+        head.threshold_groups_(0.3)
+    return model.eval(), cfg
+
+
+def write_tiny_run(root: Path, method: str, *, grouped: bool = False) -> Path:
+    """A run directory holding only the ``final/`` checkpoint of :func:`make_tiny_model` (no training)."""
+    from scaleprotoseg.checkpoint import CheckpointMeta, write_checkpoint
+    from scaleprotoseg.config import save_config
+    from scaleprotoseg.rundir import RunDir
+
+    model, cfg = make_tiny_model(method, grouped=grouped)
+    run = RunDir(root)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.config)
+    meta = CheckpointMeta.of_model(model, stage="final", step=0, info=TINY_INFO, normalization="imagenet")
+    write_checkpoint(run.final, model, meta, config=cfg)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_run():
+    return write_tiny_run

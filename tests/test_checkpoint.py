@@ -120,7 +120,7 @@ def test_load_model_into_an_existing_model(trained_runs):
     cfg = load_config(run / "config.yaml")
     model = build_model(cfg.model, 3).train()
     loaded = load_model(run, "group_joint", into=model)
-    assert loaded.model is model and model.training and getattr(model.head, "grouping", None) is not None
+    assert loaded.model is model and model.training and model.head.grouping is not None
     reference = load_model(run, "group_joint").model.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
 

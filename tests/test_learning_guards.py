@@ -21,6 +21,7 @@ from scaleprotoseg.data.transforms import TrainTransform, normalize
 from scaleprotoseg.engine.optim import build_optimizer
 from scaleprotoseg.evaluation.inference import predict_logits
 from scaleprotoseg.losses import compute_losses, cross_entropy
+from scaleprotoseg.models.heads import ScaleProtoSegHead
 from scaleprotoseg.models.segmenter import Segmenter, build_model
 
 NUCLEI = Path(__file__).resolve().parents[1] / "data" / "samples" / "nuclei"
@@ -114,7 +115,7 @@ def _train(
     model.set_trainable(stage.trainable)
     optimizer = build_optimizer(model, stage)
     model.train()
-    grouping = getattr(model.head, "grouping", None)
+    head = model.head
     ces = []
     for step in range(stage.steps):
         x, y = batches(step)
@@ -122,8 +123,8 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
-        if grouping is not None and "groups" in stage.trainable:
-            grouping.project_()
+        if isinstance(head, ScaleProtoSegHead) and head.grouping is not None and "groups" in stage.trainable:
+            head.project_groups_()
         ces.append(float(losses["ce"].detach()))
     model.set_trainable([])
     return ces

@@ -237,6 +237,7 @@ def load_model(
     model = into if into is not None else build_model(cfg.model, meta.num_classes)
     model.apply_structure(meta.structure)
     load_weights(model, weights, str(ckpt.path))
+    model.refresh_layout()  # the inference layout depends on the loaded group weights
     model.to(torch.device(device))
     if into is None:
         model.eval()

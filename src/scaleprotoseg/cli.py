@@ -19,6 +19,7 @@ VERBS = {
     "explain": "explain a prediction with prototypes and groups",
     "analyze": "interpretability metrics and analyses of a trained run",
     "report": "write a self-contained HTML report of a run",
+    "export": "export a run's model: ONNX, TorchScript, torch.export program or a Hub directory",
 }
 
 

@@ -160,11 +160,11 @@ def test_naive_diversity_matches_library_on_edge_cases() -> None:
 
 
 def test_reference_head_matches_library() -> None:
-    from scaleprotoseg.models.heads import PrototypeHead
+    from scaleprotoseg.models.heads import ScaleProtoSegHead
 
     mod = _load("bench_inference")
     g = torch.Generator().manual_seed(0)
-    head = PrototypeHead(8, 5, method="scaleprotoseg", dim=16, prototypes_per_class=2)
+    head = ScaleProtoSegHead(8, 5, dim=16, prototypes_per_class=2)
     head.enable_groups()
     nz = mod.sparse_groups_(head, 3, g)
     assert 0 < nz <= 3

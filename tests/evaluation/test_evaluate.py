@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from scaleprotoseg.evaluation.evaluate import evaluate, shard_indices
+from scaleprotoseg.models.heads import ModelOutput
 
 C = 4
 IGNORE = 255
@@ -26,8 +26,8 @@ class StrideModel(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, C, 3, stride=8, padding=1)
 
-    def forward(self, x: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(logits=self.conv(x))
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return ModelOutput(logits=self.conv(x))
 
 
 class FakeDataset(Dataset):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleprotoseg.evaluation.inference import predict_logits, sliding_window_starts
+from scaleprotoseg.models.heads import ModelOutput
 
 C = 5
 
@@ -21,8 +22,8 @@ class StrideModel(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, C, 3, stride=8, padding=1)
 
-    def forward(self, x: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(logits=self.conv(x))
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return ModelOutput(logits=self.conv(x))
 
 
 class PointwiseModel(nn.Module):
@@ -32,8 +33,8 @@ class PointwiseModel(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, C, 1)
 
-    def forward(self, x: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(logits=self.conv(x))
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return ModelOutput(logits=self.conv(x))
 
 
 def _model(cls: type[nn.Module]) -> nn.Module:

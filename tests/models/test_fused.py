@@ -4,7 +4,7 @@ from torch import nn
 
 from scaleprotoseg.evaluation.inference import predict_logits
 from scaleprotoseg.models import fused
-from scaleprotoseg.models.heads import DeepLabV2Head, PrototypeHead
+from scaleprotoseg.models.heads import DeepLabV2Head, ProtoSegHead, PrototypeHead, ScaleProtoSegHead
 from scaleprotoseg.models.layout import padded_layout
 from scaleprotoseg.models.segmenter import Segmenter
 from scaleprotoseg.ops import log_activation
@@ -28,25 +28,23 @@ def _sparse_groups(head: PrototypeHead, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         head.grouping.weight.copy_(torch.rand(head.grouping.weight.shape, generator=g) ** 4)
-        head.grouping.project_()
-        head.grouping.threshold_(0.2)
+        head.project_groups_()
+        head.threshold_groups_(0.2)
         head.h_group.add_(0.1 * torch.randn(head.h_group.shape, generator=g))
 
 
 def _heads() -> dict[str, PrototypeHead]:
     torch.manual_seed(0)
     heads = {
-        "protoseg": PrototypeHead(8, 3, method="protoseg", rates=(1, 2), dim=4, prototypes_per_class=5),
-        "scaleprotoseg": PrototypeHead(8, 3, method="scaleprotoseg", rates=(1, 2, 3), dim=4, prototypes_per_class=2),
+        "protoseg": ProtoSegHead(8, 3, rates=(1, 2), dim=4, prototypes_per_class=5),
+        "scaleprotoseg": ScaleProtoSegHead(8, 3, rates=(1, 2, 3), dim=4, prototypes_per_class=2),
     }
     for mode in ("ratio", "geometric"):
-        head = PrototypeHead(
-            8, 3, method="scaleprotoseg", rates=(1, 2, 3), dim=4, prototypes_per_class=2, group_activation=mode
-        )
+        head = ScaleProtoSegHead(8, 3, rates=(1, 2, 3), dim=4, prototypes_per_class=2, group_activation=mode)
         head.enable_groups()
         _sparse_groups(head)
         heads[f"grouped-{mode}"] = head
-    pruned = PrototypeHead(8, 3, method="scaleprotoseg", rates=(1, 2, 3), dim=4, prototypes_per_class=2)
+    pruned = ScaleProtoSegHead(8, 3, rates=(1, 2, 3), dim=4, prototypes_per_class=2)
     pruned.remove_prototypes(torch.tensor([0, 2, 3, 7, 8, 12, 17]))  # uneven per class and scale
     pruned.enable_groups()
     _sparse_groups(pruned, seed=1)
@@ -79,7 +77,7 @@ def test_grouped_head_skips_exactly_the_unused_prototypes():
     dense = g.dense_weight(head.num_prototypes)
     assert torch.equal(used, dense.abs().sum(0) > 0)
     assert 0 < int(used.sum()) < head.num_prototypes  # the thresholding above leaves some prototypes unused
-    source, slot, m = head._fused_plan()[:3]
+    source = head._plan_source
     assert set(source.tolist()) <= set(torch.nonzero(used).flatten().tolist())  # no distance to an unused one
     # Moving an unused prototype anywhere cannot change the logits.
     unused = torch.nonzero(~used).flatten()
@@ -104,7 +102,7 @@ def test_padded_layout_by_hand():
 
 def test_eq1_in_place_form_matches_log_activation():
     """The block path's max(d+eps, eps), 1 + (1-eps)/., log chain is Eq. 1 (values by hand at d = 0 and d = 1)."""
-    head = PrototypeHead(8, 1, method="protoseg", rates=(1,), dim=2, prototypes_per_class=1).eval()
+    head = ProtoSegHead(8, 1, rates=(1,), dim=2, prototypes_per_class=1).eval()
     with torch.no_grad():
         head.prototypes.prototypes.copy_(torch.tensor([[0.0, 0.0]]))
         head.h_proto.fill_(1.0)
@@ -142,18 +140,32 @@ def test_head_with_prototypes_out_of_scale_order():
         assert torch.allclose(head.logits(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_plan_is_memoised_and_follows_weight_updates():
+def test_layout_is_rebuilt_by_refresh_layout_only():
     head = _heads()["grouped-ratio"].eval()
     x = torch.randn(1, 8, 4, 4)
     with torch.no_grad():
+        source = head._plan_source
         head.logits(x)
-        plan = head._fused_plan()
-        assert head._fused_plan() is plan  # nothing changed: no recomputation
+        assert head._plan_source is source  # inference reads the layout, never rebuilds it
         head.grouping.weight.zero_()
         head.grouping.weight[:, :, 0] = 1.0  # one member per group: fewer prototypes used
-        assert head._fused_plan() is not plan
+        head.refresh_layout()
+        assert len(head._plan_source) < len(source)
         expected = head(x).logits
         assert torch.allclose(head.logits(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_layout_tables_follow_the_device_and_stay_out_of_the_state_dict():
+    head = _heads()["grouped-after-removal"]
+    tables = {"_member_index", "_member_mask", "_plan_source", "_plan_slot", "_plan_member_slot"}
+    assert tables <= {name for name, _ in head.named_buffers()}
+    assert not tables & set(head.state_dict())
+    fresh = ScaleProtoSegHead(8, 3, rates=(1, 2, 3), dim=4, prototypes_per_class=2)
+    fresh.apply_structure(head.structure())
+    fresh.load_state_dict(head.state_dict())
+    fresh.refresh_layout()
+    for name in tables:
+        assert torch.equal(getattr(fresh, name), getattr(head, name)), name
 
 
 def test_segmenter_logits_is_what_prediction_uses():

@@ -177,10 +177,10 @@ def _train_groups(seed: int, lr: float, lr_h: float | None = None, warmup: int =
     features. Returns class 1's best (A, B) weight pair and :func:`~scaleprotoseg.engine.group_stats.group_change`."""
     from scaleprotoseg.config import StageConfig
     from scaleprotoseg.engine.group_stats import group_change, group_snapshot
-    from scaleprotoseg.models.heads import PrototypeHead
+    from scaleprotoseg.models.heads import ScaleProtoSegHead
 
     torch.manual_seed(seed)
-    head = PrototypeHead(4, _C, method="scaleprotoseg", rates=(1, 2, 3, 4), dim=_D, prototypes_per_class=_M)
+    head = ScaleProtoSegHead(4, _C, rates=(1, 2, 3, 4), dim=_D, prototypes_per_class=_M)
     head.enable_groups()
     head.requires_grad_(False)  # ASPP and prototypes frozen (the forward starts after the ASPP)
     start = group_snapshot(head)

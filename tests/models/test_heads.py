@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from scaleprotoseg.models.heads import DeepLabV2Head, PrototypeHead, class_assignment_weights
+from scaleprotoseg.models.heads import (
+    METHODS,
+    DeepLabV2Head,
+    ProtoSegHead,
+    ScaleProtoSegHead,
+    class_assignment_weights,
+    make_head,
+)
 from scaleprotoseg.models.segmenter import Segmenter, msc_forward
 
 
@@ -25,8 +32,8 @@ class TinyBackbone(nn.Module):
 def _heads(C=3):
     return {
         "deeplabv2": DeepLabV2Head(8, C, rates=(1, 2)),
-        "protoseg": PrototypeHead(8, C, method="protoseg", rates=(1, 2), dim=4, prototypes_per_class=5),
-        "scaleprotoseg": PrototypeHead(8, C, method="scaleprotoseg", rates=(1, 2, 3), dim=4, prototypes_per_class=2),
+        "protoseg": ProtoSegHead(8, C, rates=(1, 2), dim=4, prototypes_per_class=5),
+        "scaleprotoseg": ScaleProtoSegHead(8, C, rates=(1, 2, 3), dim=4, prototypes_per_class=2),
     }
 
 
@@ -150,3 +157,39 @@ def test_prototype_head_is_found_by_type():
         expected = None if method == "deeplabv2" else head
         assert prototype_head(model) is expected and prototype_head(wrapped) is expected
     assert prototype_head(TinyBackbone()) is None
+
+
+def test_head_types_and_make_head():
+    heads = {m: make_head(m, 8, 3, rates=(1, 2), dim=4, prototypes_per_class=2) for m in METHODS}
+    assert type(heads["deeplabv2"]) is DeepLabV2Head
+    assert type(heads["protoseg"]) is ProtoSegHead and heads["protoseg"].num_scales == 1
+    assert type(heads["scaleprotoseg"]) is ScaleProtoSegHead and heads["scaleprotoseg"].num_scales == 2
+    assert not hasattr(ProtoSegHead, "enable_groups")  # only ScaleProtoSeg composes groups
+    assert heads["protoseg"].grouping is None and heads["protoseg"].h_group is None
+    with pytest.raises(ValueError, match="expected one of deeplabv2, protoseg, scaleprotoseg"):
+        make_head("protopnet", 8, 3)
+    grouped = heads["scaleprotoseg"]
+    with pytest.raises(ValueError, match="enable_groups"):
+        grouped.threshold_groups_(0.1)
+    grouped.enable_groups()
+    with pytest.raises(ValueError, match="protoseg head has no groups"):
+        heads["protoseg"].apply_structure(grouped.structure() | {"prototype_class": [0, 0, 1, 1, 2, 2]})
+
+
+def test_forward_contract_is_the_same_for_every_head():
+    """features -> ModelOutput: logits always; prototype activations for prototype heads; group activations once
+    grouped; ``classify`` maps activations to (logits, groups or None)."""
+    x = torch.rand(1, 8, 3, 3)
+    for method, head in _heads().items():
+        out = head(x)
+        assert out.logits.shape == (1, 3, 3, 3), method
+        if method == "deeplabv2":
+            assert out.activations is None and out.group_activations is None
+            continue
+        logits, groups = head.classify(out.activations)
+        assert groups is None and torch.equal(logits, out.logits)
+    head = _heads()["scaleprotoseg"]
+    head.enable_groups()
+    out = head(x)
+    logits, groups = head.classify(out.activations)
+    assert torch.equal(groups, out.group_activations) and torch.equal(logits, out.logits)

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from scaleprotoseg.models.heads import PrototypeHead
+from scaleprotoseg.models.heads import ProtoSegHead, make_head
 from scaleprotoseg.models.segmenter import Segmenter
 from scaleprotoseg.ops import resize_labels
 from scaleprotoseg.prototypes.boxes import prototype_rates, receptive_field_box, scale_box
@@ -86,9 +86,9 @@ class SynthDataset(Dataset):
 def _model(method: str = "scaleprotoseg", seed: int = 0) -> Segmenter:
     torch.manual_seed(seed)
     if method == "scaleprotoseg":
-        head = PrototypeHead(8, C, method=method, rates=(1, 2), dim=4, prototypes_per_class=2)
+        head = make_head(method, 8, C, rates=(1, 2), dim=4, prototypes_per_class=2)
     else:
-        head = PrototypeHead(8, C, method=method, rates=(1, 2), dim=4, prototypes_per_class=3)
+        head = make_head(method, 8, C, rates=(1, 2), dim=4, prototypes_per_class=3)
     with torch.no_grad():  # make the ASPP outputs spread over the sigmoid's range
         for conv in head.aspp.branches:
             conv.weight.normal_(0, 0.5)
@@ -202,7 +202,7 @@ def test_deterministic_under_shuffling_and_ties():
 
 def _identity_model(num_classes: int, per_class: int, rates=(1,)) -> Segmenter:
     """ProtoSeg head whose ASPP is the identity on 3 channels: features = sigmoid(image)."""
-    head = PrototypeHead(3, num_classes, method="protoseg", rates=rates, dim=3, prototypes_per_class=per_class)
+    head = ProtoSegHead(3, num_classes, rates=rates, dim=3, prototypes_per_class=per_class)
     with torch.no_grad():
         for conv in head.aspp.branches:
             conv.weight.zero_()

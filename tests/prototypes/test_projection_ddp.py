@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from scaleprotoseg.models.heads import PrototypeHead
+from scaleprotoseg.models.heads import ScaleProtoSegHead
 from scaleprotoseg.models.segmenter import Segmenter
 from scaleprotoseg.prototypes.nearest import nearest_patches
 from scaleprotoseg.prototypes.projection import project_prototypes
@@ -34,7 +34,7 @@ class TinyBackbone(nn.Module):
 
 def _model() -> Segmenter:
     torch.manual_seed(0)
-    head = PrototypeHead(8, C, method="scaleprotoseg", rates=(1, 2), dim=4, prototypes_per_class=2)
+    head = ScaleProtoSegHead(8, C, rates=(1, 2), dim=4, prototypes_per_class=2)
     with torch.no_grad():
         for conv in head.aspp.branches:
             conv.weight.normal_(0, 0.5)

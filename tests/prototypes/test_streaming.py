@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from scaleprotoseg.models.heads import PrototypeHead
+from scaleprotoseg.models.heads import ScaleProtoSegHead
 from scaleprotoseg.models.segmenter import Segmenter
 from scaleprotoseg.ops import resize_labels
 from scaleprotoseg.prototypes.boxes import prototype_rates, receptive_field_box
@@ -24,7 +24,7 @@ class _Backbone(nn.Module):
 
 def _model() -> Segmenter:
     torch.manual_seed(0)
-    head = PrototypeHead(3, 2, method="scaleprotoseg", rates=(1, 2), dim=3, prototypes_per_class=1)
+    head = ScaleProtoSegHead(3, 2, rates=(1, 2), dim=3, prototypes_per_class=1)
     return Segmenter(_Backbone(), head)
 
 

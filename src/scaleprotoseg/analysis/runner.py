@@ -460,7 +460,7 @@ class Analyzer:
                 counts = prototype_counts(grouping.weight.detach().cpu(), grouping.member_mask.cpu(), GROUP_ALPHAS)
                 for alpha in GROUP_ALPHAS:
                     model = copy.deepcopy(base)
-                    model.head.grouping.threshold_(alpha)
+                    model.head.threshold_groups_(alpha)  # the inference layout follows
                     n_used = int(model.head.grouping.used_prototypes().numel())
                     if n_used != counts[alpha]["prototypes"]:  # pragma: no cover - two codings of one definition
                         raise RuntimeError(f"alpha {alpha}: {n_used} used prototypes vs {counts[alpha]['prototypes']}")

@@ -26,6 +26,7 @@ from scaleprotoseg.engine.group_stats import group_change, group_snapshot
 from scaleprotoseg.engine.optim import build_optimizer, build_scheduler
 from scaleprotoseg.engine.sampler import KeyedDataset, StreamSampler
 from scaleprotoseg.losses import compute_losses
+from scaleprotoseg.models.heads import ScaleProtoSegHead
 from scaleprotoseg.models.segmenter import Segmenter, build_model, msc_forward, prototype_head
 from scaleprotoseg.prototypes.projection import ProjectionResult
 from scaleprotoseg.rundir import CheckpointDir, RunDir, atomic_write_json, discard_dir, recover_dir
@@ -247,7 +248,7 @@ class Trainer:
         head = model.head
         proto = prototype_head(model)
         if self._uses_groups(stage) and not (proto is not None and proto.grouped):
-            if proto is None:
+            if not isinstance(proto, ScaleProtoSegHead):
                 raise ValueError(f"stage {name}: groups need a ScaleProtoSeg model, not {model.method}")
             proto.enable_groups()
         start_step, consumed, train_state = 0, 0, None
@@ -256,7 +257,7 @@ class Trainer:
             start_step = int(train_state["step"])
             consumed = int(train_state["samples_consumed"])
         group_start = None  # the groups at the start of the stage (kept in the partial checkpoint to survive a resume)
-        if "groups" in stage.trainable and proto is not None and proto.grouping is not None:
+        if "groups" in stage.trainable and isinstance(proto, ScaleProtoSegHead) and proto.grouping is not None:
             saved = (train_state or {}).get("group_start")
             group_start = saved if saved is not None else group_snapshot(head)
         unknown = model.set_trainable(stage.trainable)
@@ -331,8 +332,8 @@ class Trainer:
                     step_terms[k] = step_terms.get(k, 0.0) + float(v.detach()) / stage.accumulation
             optimizer.step()
             scheduler.step()
-            if group_start is not None:
-                head.grouping.project_()  # projected gradient: rows back on the simplex after every step
+            if isinstance(proto, ScaleProtoSegHead) and group_start is not None:
+                proto.project_groups_()  # projected gradient: rows back on the simplex after every step
             for k, v in step_terms.items():
                 running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
             done = step + 1
@@ -439,9 +440,9 @@ class Trainer:
 
     def _threshold_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
         head = prototype_head(self.model)
-        if head is None or head.grouping is None:
+        if not isinstance(head, ScaleProtoSegHead) or head.grouping is None:
             raise ValueError(f"stage {name}: thresholding needs trained groups (run group stages first)")
-        zeroed = head.grouping.threshold_(stage.alpha)
+        zeroed = head.threshold_groups_(stage.alpha)
         return {
             "alpha": stage.alpha,
             "weights_zeroed": zeroed,

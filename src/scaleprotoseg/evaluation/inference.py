@@ -1,12 +1,12 @@
 """Full-resolution prediction: whole image, sliding window, short-side resize, multi-scale inputs and flip.
 
-The model contract is ``model(x) -> out`` with ``out.logits`` of shape (B, C, h, w) on the feature grid (h = H/8 for
-DeepLab); a model with a ``logits(x)`` method (:class:`~scaleprotoseg.models.segmenter.Segmenter`) is called through
-it instead, which returns the same scores without computing the maps that explanations need. Logits are always
-brought to the label size by bilinear upsampling with align_corners=False, as in the release's evaluation (training
-instead downsamples the labels). Test-time protocols of supplement 6: Pascal VOC whole 513x513 images with
-multi-scale inputs {0.5, 0.75, 1} fused by max; Cityscapes at 1024x2048 (whole, or sliding windows); ADE20K with the
-short side resized to 512."""
+The model contract is ``model(x) -> out``, a :class:`~scaleprotoseg.models.heads.ModelOutput`, a mapping with a
+``"logits"`` entry or a tensor, with logits of shape (B, C, h, w) on the feature grid (h = H/8 for DeepLab); a
+:class:`~scaleprotoseg.models.segmenter.Segmenter` is called through its ``logits(x)`` method instead, which returns
+the same scores without computing the maps that explanations need. Logits are always brought to the label size by
+bilinear upsampling with align_corners=False, as in the release's evaluation (training instead downsamples the
+labels). Test-time protocols of supplement 6: Pascal VOC whole 513x513 images with multi-scale inputs {0.5, 0.75, 1}
+fused by max; Cityscapes at 1024x2048 (whole, or sliding windows); ADE20K with the short side resized to 512."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleprotoseg.models.heads import ModelOutput
+from scaleprotoseg.models.segmenter import Segmenter
 from scaleprotoseg.ops import resize_image, upsample_logits
 
 __all__ = ["MODES", "predict_logits", "sliding_window_starts"]
@@ -27,14 +29,17 @@ Mode = Literal["whole", "sliding", "short_side"]
 
 
 def _logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    scores = getattr(model, "logits", None)
-    out: Any = scores(x) if callable(scores) else model(x)  # Segmenter.logits skips the intermediate maps
+    # Segmenter.logits skips the intermediate maps; any other model is called and its output read
+    out: Any = model.logits(x) if isinstance(model, Segmenter) else model(x)
+    logits: Any
     if isinstance(out, torch.Tensor):
         logits = out
     elif isinstance(out, Mapping):
         logits = out.get("logits")
+    elif isinstance(out, ModelOutput):
+        logits = out.logits
     else:
-        logits = getattr(out, "logits", None)
+        logits = None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or logits.shape[0] != x.shape[0]:
         shape = None if logits is None else tuple(logits.shape)
         raise ValueError(f"model output logits: got {shape}; expected a (B={x.shape[0]}, C, h, w) tensor in out.logits")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scaleprotoseg.models.memo import memoised
 from scaleprotoseg.ops import ACTIVATION_EPS, log_activation, multiscale_squared_distances, scale_counts
 
 
@@ -41,15 +40,21 @@ class PrototypeLayer(nn.Module):
         self.prototypes = nn.Parameter(torch.rand(len(prototype_class), dim))
         self.register_buffer("prototype_class", prototype_class.clone().long())
         self.register_buffer("prototype_scale", prototype_scale.clone().long())
+        self._scale_counts: list[int] | None = None
+        self.refresh_layout()
 
     @property
     def num_prototypes(self) -> int:
         return self.prototypes.shape[0]
 
     def scale_counts(self) -> list[int] | None:
-        """Prototypes per scale (None if not scale-major), memoised while ``prototype_scale`` is unchanged."""
-        scale = self.prototype_scale
-        return memoised(self, "_memo_scale_counts", [scale], lambda: scale_counts(scale, self.num_scales))
+        """Prototypes per scale (None if not scale-major), as of the last :meth:`refresh_layout`."""
+        return self._scale_counts
+
+    def refresh_layout(self) -> None:
+        """Recount the prototypes per scale (read back to the host once, not at every forward pass); called by
+        :meth:`keep` and :meth:`resize_to`, and needed after any other change of ``prototype_scale``."""
+        self._scale_counts = scale_counts(self.prototype_scale, self.num_scales)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = multiscale_squared_distances(
@@ -64,6 +69,7 @@ class PrototypeLayer(nn.Module):
         self.prototypes = nn.Parameter(self.prototypes.data.index_select(0, index).clone())
         self.prototype_class = self.prototype_class.index_select(0, index).clone()
         self.prototype_scale = self.prototype_scale.index_select(0, index).clone()
+        self.refresh_layout()
 
     def resize_to(self, prototype_class: torch.Tensor, prototype_scale: torch.Tensor) -> None:
         """Re-shape the layer to a saved layout before loading its weights."""
@@ -71,3 +77,4 @@ class PrototypeLayer(nn.Module):
         self.prototypes = nn.Parameter(torch.zeros(len(prototype_class), self.dim, device=device))
         self.prototype_class = prototype_class.clone().long().to(device)
         self.prototype_scale = prototype_scale.clone().long().to(device)
+        self.refresh_layout()

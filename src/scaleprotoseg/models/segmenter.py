@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scaleprotoseg.models.heads import DeepLabV2Head, ModelOutput, PrototypeHead
+from scaleprotoseg.models.heads import DeepLabV2Head, ModelOutput, PrototypeHead, make_head
 from scaleprotoseg.ops import resize_image
 
 
@@ -21,7 +21,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 class Segmenter(nn.Module):
     """``backbone -> head``; ``forward(x (B, 3, H, W)) -> ModelOutput`` on the backbone's feature grid."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: DeepLabV2Head | PrototypeHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -77,6 +77,11 @@ class Segmenter(nn.Module):
     def apply_structure(self, structure: dict[str, Any]) -> None:
         self.head.apply_structure(structure)
 
+    def refresh_layout(self) -> None:
+        """Rebuild the head's derived tables after its weights were loaded or edited in place
+        (:meth:`~scaleprotoseg.models.heads.PrototypeHead.refresh_layout`)."""
+        self.head.refresh_layout()
+
 
 def msc_forward(model: nn.Module, x: torch.Tensor, scales: Sequence[float]) -> tuple[list[ModelOutput], torch.Tensor]:
     """DeepLab multi-scale inputs: run ``x`` at each scale and fuse the logits by an elementwise max on the grid of
@@ -108,25 +113,20 @@ def build_model(model_cfg: Any, num_classes: int) -> Segmenter:
         freeze_bn=model_cfg.freeze_bn,
         **kwargs,
     )
-    if model_cfg.method == "deeplabv2":
-        head: nn.Module = DeepLabV2Head(
-            backbone.out_channels, num_classes, model_cfg.aspp_rates, init_std=model_cfg.aspp_init_std
-        )
-    elif model_cfg.method in ("protoseg", "scaleprotoseg"):
-        head = PrototypeHead(
-            backbone.out_channels,
-            num_classes,
-            method=model_cfg.method,
-            rates=model_cfg.aspp_rates,
-            dim=model_cfg.aspp_channels,
-            prototypes_per_class=model_cfg.prototypes_per_class,
-            groups_per_class=model_cfg.groups_per_class,
-            group_activation=model_cfg.group_activation,
-            eps=model_cfg.activation_eps,
-            init_std=model_cfg.aspp_init_std,
-        )
-    else:
+    if model_cfg.method not in ("deeplabv2", "protoseg", "scaleprotoseg"):
         raise ValueError(f"model.method {model_cfg.method!r}; expected scaleprotoseg, protoseg or deeplabv2")
+    head = make_head(
+        model_cfg.method,
+        backbone.out_channels,
+        num_classes,
+        rates=model_cfg.aspp_rates,
+        dim=model_cfg.aspp_channels,
+        prototypes_per_class=model_cfg.prototypes_per_class,
+        groups_per_class=model_cfg.groups_per_class,
+        group_activation=model_cfg.group_activation,
+        eps=model_cfg.activation_eps,
+        init_std=model_cfg.aspp_init_std,
+    )
     return Segmenter(backbone, head)
 
 
