@@ -182,11 +182,15 @@ def _resolve(dotted: str) -> bool:
     return False
 
 
+FILE_SUFFIXES = {"json", "jsonl", "yaml", "yml", "md", "csv", "png", "txt", "pt", "onnx", "html", "safetensors"}
+
+
 def _python_names(page: Path) -> list[str]:
     names = []
     for span in INLINE.findall(CODE_BLOCK.sub("", _text(page))):
         m = re.fullmatch(r"(scaleprotoseg\.)?([a-z_]+(?:\.[A-Za-z_]\w*)+)(\(.*\))?", span.strip())
-        if m and m.group(2).split(".")[0] in PACKAGE_MODULES:
+        parts = m.group(2).split(".") if m else []
+        if m and parts[0] in PACKAGE_MODULES and parts[-1] not in FILE_SUFFIXES:  # `config.json` is a file
             names.append(m.group(2))
     return names
 
