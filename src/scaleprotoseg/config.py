@@ -475,6 +475,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         for g in st.lr:
             if g not in TRAINABLE_GROUPS:
                 fail(f"train.stages.{name}.lr: unknown group {g!r}; expected any of {', '.join(TRAINABLE_GROUPS)}")
+        if st.kind == "proto_finetune" and st.trainable != ["last_layer"]:
+            fail(f"train.stages.{name}.trainable: {st.trainable}; a proto_finetune stage trains ['last_layer'] only")
         missing = [g for g in st.trainable if g not in st.lr]
         gradient = st.kind in GRADIENT_KINDS and st.enabled
         if gradient and missing:
@@ -486,8 +488,6 @@ def validate(cfg: Config, source: str = "config") -> None:
             fail(f"train.stages.{name}.groups: false, but the stage uses {', '.join(needs_groups)}; expected true")
         if st.enabled and st.groups and (m.method != "scaleprotoseg" or st.kind != "train"):
             fail(f"train.stages.{name}.groups: true needs a train stage of a scaleprotoseg model")
-        if st.kind == "proto_finetune" and st.trainable != ["last_layer"]:
-            fail(f"train.stages.{name}.trainable: {st.trainable}; a proto_finetune stage trains ['last_layer'] only")
         if st.accumulation <= 0:
             fail(f"train.stages.{name}.accumulation: {st.accumulation}; expected a positive integer")
         if not 0 <= st.alpha < 1:
