@@ -170,13 +170,16 @@ def write_checkpoint(
     """Write a checkpoint into ``directory`` atomically: weights, ``meta.json`` (with the sha256 of the weights, the
     training state and the projection) and, when given, ``train_state.pt``, ``projection.json``, ``config.yaml``;
     ``extra(ckpt)`` adds more files before the directory is swapped in. Nothing replaces the previous checkpoint
-    until every file is written: a failure to write (a full disk) is a :class:`CheckpointWriteError` and leaves it."""
+    until every file is written: a failure to write (a full disk) is a :class:`CheckpointWriteError` and leaves it.
+    Temporary directories of an earlier write that was killed are removed first (one process per run directory)."""
     from scaleprotoseg.config import save_config
 
     directory = Path(directory)
     tmp: Path | None = None
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
+        for stale in directory.parent.glob(f".{directory.name}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
         ckpt = CheckpointDir(tmp)
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
