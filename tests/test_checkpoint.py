@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from scaleprotoseg.checkpoint import CHECKPOINT_FORMAT, CheckpointMeta, load_model, write_checkpoint
+from scaleprotoseg.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    CheckpointMeta,
+    CheckpointWriteError,
+    file_sha256,
+    load_model,
+    write_checkpoint,
+)
 from scaleprotoseg.config import load_config
 from scaleprotoseg.models.segmenter import build_model
 from scaleprotoseg.rundir import RunDir
@@ -41,6 +49,7 @@ def test_meta_round_trip():
         "normalization",
         "output_stride",
         "structure",
+        "checksums",
     ]
     assert d["format"] == CHECKPOINT_FORMAT == "scaleprotoseg-checkpoint/1"
     assert d["num_classes"] == 3 and d["palette"][1] == [200, 30, 30]
@@ -153,6 +162,98 @@ def test_old_layout_projection_at_the_run_root(trained_runs, tmp_path):
     run.checkpoint("finetune").projection.rename(run.legacy_projection)
     for stage in run.stages_with_checkpoints():
         run.checkpoint(stage).projection.unlink(missing_ok=True)
+        meta = json.loads(run.checkpoint(stage).meta.read_text())
+        del meta["checksums"]  # that layout predates checksums
+        run.checkpoint(stage).meta.write_text(json.dumps(meta))
     assert load_model(old, "finetune").projection.to_dict() == expected
     with pytest.warns(UserWarning, match="another prototype numbering"):
         assert load_model(old, "joint").projection is None  # before duplicate removal: more prototypes
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_checksums_are_written_and_a_damaged_file_is_named(trained_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_runs["protoseg"], run)
+    final = RunDir(run).checkpoint()
+    meta = json.loads(final.meta.read_text())
+    assert meta["checksums"] == {
+        "model.safetensors": file_sha256(final.weights),
+        "projection.json": file_sha256(final.projection),
+    }
+    load_model(run)
+    data = bytearray(final.weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a tensor: loadable, but not the weights written
+    final.weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        load_model(run)
+    assert f"{final.weights}: corrupted" in _one_line(err)
+    final.projection.unlink()
+    meta["checksums"]["model.safetensors"] = file_sha256(final.weights)
+    final.meta.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"projection.json: missing; .*meta.json lists it"):
+        load_model(run)
+    final.meta.write_text('{"format": "scaleprot')
+    with pytest.raises(CheckpointError) as err:
+        load_model(run)
+    assert f"{final.meta}: not valid JSON" in _one_line(err)
+
+
+@pytest.mark.parametrize("damage", ["missing", "pickled", "truncated", "not_a_state"])
+def test_broken_train_state_is_named(tmp_path, damage):
+    """A mid-stage checkpoint whose train_state.pt is missing, holds pickled objects, is cut short or is not a
+    training state: a one-line error naming the file (the checksum is dropped to reach the reader itself)."""
+    from scaleprotoseg.config import save_config
+
+    model = _model("deeplabv2")
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    sets = ["model.method=deeplabv2", "model.backbone=resnet18", "model.aspp_rates=[1, 2]"]
+    save_config(load_config(None, sets), run.config)
+    meta = CheckpointMeta.of_model(model, stage="train", step=1, info=INFO, normalization="imagenet")
+    state = {"step": 1, "samples_consumed": 2, "optimizer": {}, "scheduler": {}, "rng": torch.get_rng_state()}
+    write_checkpoint(run.partial_dir("train"), model, meta, train_state=state)
+    assert load_model(run, "train", partial=True).train_state["samples_consumed"] == 2
+    ckpt = run.checkpoint("train", partial=True)
+    on_disk = json.loads(ckpt.meta.read_text())
+    del on_disk["checksums"]["train_state.pt"]
+    ckpt.meta.write_text(json.dumps(on_disk))
+    if damage == "missing":
+        ckpt.train_state.unlink()
+    elif damage == "pickled":
+        torch.save({"step": 1, "obj": SimpleNamespace(a=1)}, ckpt.train_state)
+    elif damage == "truncated":
+        ckpt.train_state.write_bytes(ckpt.train_state.read_bytes()[:100])
+    else:
+        torch.save({"step": 1}, ckpt.train_state)
+    with pytest.raises(CheckpointError) as err:
+        load_model(run, "train", partial=True)
+    assert str(ckpt.train_state) in _one_line(err)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import scaleprotoseg.checkpoint as ckpt_mod
+
+    model = _model("deeplabv2")
+    meta = CheckpointMeta.of_model(model, stage="train", step=1, info=INFO, normalization="imagenet")
+    target = tmp_path / "checkpoints" / "train"
+    write_checkpoint(target, model, meta)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", no_space)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(CheckpointWriteError) as err:
+        write_checkpoint(target, model, meta)
+    assert f"could not write checkpoint {target}" in _one_line(err) and "No space left" in str(err.value)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["train"]

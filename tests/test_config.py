@@ -19,7 +19,15 @@ def test_paper_hyperparameters_in_configs():
     root = Path(__file__).parents[1] / "configs"
     city = load_config(root / "cityscapes/scaleprotoseg.yaml")
     st = city.train.stages
-    assert [n for n in st] == ["warmup", "joint", "projection", "group_warmup", "group_joint", "threshold"]
+    assert [n for n in st] == [
+        "warmup",
+        "joint",
+        "projection",
+        "proto_finetune",
+        "group_warmup",
+        "group_joint",
+        "threshold",
+    ]
     assert (st["warmup"].steps, st["joint"].steps, st["group_warmup"].steps, st["group_joint"].steps) == (
         3000,
         30000,
@@ -36,6 +44,14 @@ def test_paper_hyperparameters_in_configs():
     assert load_config(root / "ade20k/protoseg.yaml").model.prototypes_per_class == 12
     assert load_config(root / "pascal_voc/protoseg.yaml").train.stages["finetune"].steps == 6000
     assert load_config(root / "pascal_voc/scaleprotoseg.yaml").data.msc_scales == [0.5, 0.75, 1.0]
+    # the release's h_proto fine-tuning after projection: on in every paper ScaleProtoSeg config, off elsewhere
+    finetune = {"cityscapes": 2000, "pascal_voc": 6000, "ade20k": 4000, "coco_stuff": 4000, "isbi_em": 10000}
+    for dataset, steps in finetune.items():
+        ft = load_config(root / dataset / "scaleprotoseg.yaml").train.stages["proto_finetune"]
+        assert (ft.enabled, ft.kind, ft.steps, ft.trainable) == (True, "proto_finetune", steps, ["last_layer"])
+    assert not default_stages("scaleprotoseg")["proto_finetune"].enabled
+    for path in (root / "samples").glob("*scaleprotoseg*.yaml"):
+        assert not load_config(path).train.stages["proto_finetune"].enabled, path
     em = load_config(root / "isbi_em/scaleprotoseg.yaml")
     assert em.model.backbone == "unet" and not em.model.freeze_bn
     assert not em.train.stages["warmup"].enabled and em.train.stages["group_joint"].lr["groups"] == 5e-5
@@ -116,3 +132,35 @@ def test_configs_path_falls_back_to_the_shipped_copy(tmp_path, monkeypatch):
     assert resolve_config_path("configs/own.yaml") == Path("configs/own.yaml")  # a local file comes first
     with pytest.raises(FileNotFoundError, match="configs/none.yaml"):
         load_config("configs/none.yaml")
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["train.stages.joint.trainable=[groups]", "train.stages.joint.lr={groups: 1.0}"], "joint.groups: false"),
+        (["train.stages.group_warmup.groups=false"], "uses groups, entropy, l1_group; expected true"),
+        (["train.stages.joint.losses=[ce, entropy]"], "uses entropy; expected true"),
+        (["model.method=protoseg", "train.stages.x={kind: train, groups: true, steps: 1}"], "x.groups: true needs"),
+        (["train.stages.proto_finetune.enabled=true", "train.stages.proto_finetune.trainable=[prototypes]"], "only"),
+        (["train.stages.proto_finetune.enabled=true", "train.stages.projection.enabled=false"], "after a projection"),
+        (["train.stages.z={kind: proto_finetune, steps: 1, trainable: [last_layer], lr: {last_layer: 1}}"], "before"),
+    ],
+)
+def test_stage_fields_checked_at_load(sets, message):
+    """``groups`` is stated, not inferred; proto_finetune trains h_proto alone, between projection and the groups."""
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, sets)
+    assert "\n" not in str(err.value)
+
+
+def test_config_changes_lists_leaf_differences():
+    from scaleprotoseg.config import config_changes
+
+    a = load_config(None)
+    b = load_config(None, ["train.seed=1", "train.stages.joint.lr.backbone=0.5", "data.crop_size=[8, 8]"])
+    assert config_changes(a, a) == {}
+    assert config_changes(a, b) == {
+        "data.crop_size": [[321, 321], [8, 8]],
+        "train.seed": [0, 1],
+        "train.stages.joint.lr.backbone": [2.5e-5, 0.5],
+    }

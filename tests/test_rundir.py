@@ -1,10 +1,16 @@
 """RunDir and CheckpointDir: every path of a run in one place; state, metrics and atomic directory swaps."""
 
 import json
+import os
+import socket
+
+import pytest
 
 from scaleprotoseg.rundir import (
     CheckpointDir,
     RunDir,
+    RunDirError,
+    RunLockedError,
     atomic_write_json,
     discard_dir,
     recover_dir,
@@ -83,3 +89,37 @@ def test_replace_recover_and_discard_dirs(tmp_path):
     assert CheckpointDir(target).recovered().path == tmp_path / "final.old"
     discard_dir(target)
     assert recover_dir(target) is None
+
+
+def test_lock_refuses_a_second_holder_naming_it_and_is_released(tmp_path):
+    run = RunDir(tmp_path / "r")
+    with run.lock():
+        with pytest.raises(RunLockedError) as err, run.lock():
+            pass
+        msg = str(err.value)
+        assert "\n" not in msg and str(run.root) in msg
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in msg
+    with run.lock():  # released when the holder is done
+        pass
+    # a lock file left by a killed process holds no lock (the OS drops it with the process): no stale lock
+    run.lock_file.write_text("pid 99999999 on elsewhere\n")
+    with run.lock():
+        assert run.lock_file.read_text().startswith(f"pid {os.getpid()}")
+
+
+def test_history_and_broken_state(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert run.read_history() == [] and not run.has_progress()
+    run.append_history("start", command="train -c x.yaml")
+    run.append_history("resume", changes={"train.seed": [0, 1]})
+    events = run.read_history()
+    assert [e["event"] for e in events] == ["start", "resume"] and events[1]["changes"] == {"train.seed": [0, 1]}
+    assert {"time", "pid", "host"} <= set(events[0])
+    run.write_state({"completed": [], "current": {"stage": "warmup"}})
+    assert not run.has_progress()  # a failure while the first stage started loses nothing
+    (run.checkpoints / "warmup" / "partial").mkdir(parents=True)
+    assert run.has_progress()
+    run.state_file.write_text('{"completed": ["warm')
+    with pytest.raises(RunDirError) as err:
+        run.read_state()
+    assert str(err.value).startswith(f"{run.state_file}: not valid JSON") and "\n" not in str(err.value)

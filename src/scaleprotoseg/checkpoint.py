@@ -4,22 +4,26 @@ model back from a run (training resumes with it, prediction, evaluation and the 
 A checkpoint directory (see :mod:`scaleprotoseg.rundir`) holds weights as safetensors, ``meta.json``
 (:class:`CheckpointMeta`), the projection of its prototypes (``projection.json``, prototype models after projection)
 and, mid-stage, ``train_state.pt``: optimizer, scheduler, RNG and sampler position, made only of tensors and plain
-containers (loadable with ``weights_only=True``).
+containers (loadable with ``weights_only=True``). ``meta.json`` carries the sha256 of each of those files, checked
+when the checkpoint is loaded, so a damaged file is reported as such (naming it) instead of training on garbage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scaleprotoseg.config import Config, load_config
@@ -32,12 +36,31 @@ CHECKPOINT_VERSION = 1
 CHECKPOINT_FORMAT = f"scaleprotoseg-checkpoint/{CHECKPOINT_VERSION}"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, damaged or not what was expected; the message names the file."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the previous one at that place is unchanged."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclass
 class CheckpointMeta:
     """What a checkpoint says about itself (``meta.json``): enough to rebuild the model and show its output.
 
     ``palette`` is (C, 3) uint8; ``structure`` is the head's :meth:`Segmenter.structure` (prototype classes and
-    scales, groups); ``step`` is the optimizer step of the stage when the checkpoint was written (0 for ``final/``).
+    scales, groups); ``step`` is the optimizer step of the stage when the checkpoint was written (0 for ``final/``);
+    ``checksums`` maps file names of the checkpoint to their sha256 (filled in by :func:`write_checkpoint`; empty in
+    checkpoints written before checksums existed, which are then loaded unchecked).
     """
 
     method: str
@@ -49,6 +72,7 @@ class CheckpointMeta:
     output_stride: int
     structure: dict[str, Any]
     step: int = 0
+    checksums: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -82,6 +106,7 @@ class CheckpointMeta:
             "normalization": self.normalization,
             "output_stride": self.output_stride,
             "structure": self.structure,
+            "checksums": dict(self.checksums),
         }
 
     @classmethod
@@ -101,6 +126,7 @@ class CheckpointMeta:
                 output_stride=int(d.get("output_stride", 8)),
                 structure=dict(d["structure"]),
                 step=int(d.get("step", 0)),
+                checksums={str(k): str(v) for k, v in dict(d.get("checksums", {})).items()},
             )
         except KeyError as err:
             raise ValueError(f"{source}: checkpoint metadata has no {err.args[0]!r}; expected a meta.json") from err
@@ -110,7 +136,25 @@ class CheckpointMeta:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint file {path} is missing")
-        return cls.from_dict(json.loads(path.read_text()), path)
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: not valid JSON ({err}); expected a checkpoint's meta.json") from None
+        return cls.from_dict(data, path)
+
+    def verify(self, directory: str | Path) -> None:
+        """Check the files of the checkpoint in ``directory`` against :attr:`checksums`; a missing or changed file is
+        a :class:`CheckpointError` naming it."""
+        for name, want in self.checksums.items():
+            path = Path(directory) / name
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing; {Path(directory) / 'meta.json'} lists it")
+            got = file_sha256(path)
+            if got != want:
+                raise CheckpointError(
+                    f"{path}: corrupted (sha256 {got[:16]}..., written as {want[:16]}...); "
+                    "restore it or re-run the stage that wrote it"
+                )
 
 
 def write_checkpoint(
@@ -123,29 +167,44 @@ def write_checkpoint(
     config: Config | None = None,
     extra: Callable[[CheckpointDir], None] | None = None,
 ) -> None:
-    """Write a checkpoint into ``directory`` atomically: weights, ``meta.json`` and, when given, ``train_state.pt``,
-    ``projection.json``, ``config.yaml``; ``extra(ckpt)`` adds more files before the directory is swapped in."""
+    """Write a checkpoint into ``directory`` atomically: weights, ``meta.json`` (with the sha256 of the weights, the
+    training state and the projection) and, when given, ``train_state.pt``, ``projection.json``, ``config.yaml``;
+    ``extra(ckpt)`` adds more files before the directory is swapped in. Nothing replaces the previous checkpoint
+    until every file is written: a failure to write (a full disk) is a :class:`CheckpointWriteError` and leaves it.
+    Temporary directories of an earlier write that was killed are removed first (one process per run directory)."""
     from scaleprotoseg.config import save_config
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
-    ckpt = CheckpointDir(tmp)
+    tmp: Path | None = None
     try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        for stale in directory.parent.glob(f".{directory.name}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+        ckpt = CheckpointDir(tmp)
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(ckpt.weights))
-        ckpt.meta.write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+        checked = [ckpt.weights]
         if train_state is not None:
             torch.save(train_state, ckpt.train_state)
+            checked.append(ckpt.train_state)
         if projection is not None:
             ckpt.projection.write_text(json.dumps(projection.to_dict(), indent=2) + "\n")
+            checked.append(ckpt.projection)
+        meta = replace(meta, checksums={p.name: file_sha256(p) for p in checked})
+        ckpt.meta.write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
         if config is not None:
             save_config(config, ckpt.config)
         if extra is not None:
             extra(ckpt)
         replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError | SafetensorError):
+            raise CheckpointWriteError(
+                f"could not write checkpoint {directory}: {err}; the previous checkpoint there (if any) is unchanged"
+            ) from err
         raise
 
 
@@ -209,6 +268,24 @@ def _read_projection(run: RunDir, ckpt: CheckpointDir, model: Segmenter) -> Proj
     return legacy if same else None
 
 
+def _read_train_state(path: Path) -> dict[str, Any]:
+    """``train_state.pt`` loaded with ``weights_only=True`` (tensors and plain containers, never arbitrary objects)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: holds objects other than tensors and plain containers ({first}); "
+            "expected a training state written by scaleprotoseg"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable training state ({type(err).__name__}: {err})") from None
+    missing = [k for k in ("step", "samples_consumed", "optimizer", "scheduler", "rng") if k not in (state or {})]
+    if not isinstance(state, dict) or missing:
+        raise CheckpointError(f"{path}: not a training state (missing {', '.join(missing) or 'everything'})")
+    return state
+
+
 def load_model(
     run: str | Path | RunDir,
     stage: str | None = None,
@@ -230,10 +307,13 @@ def load_model(
     cfg = load_config(ckpt.config if ckpt.config.is_file() else run.config)
     cfg.model.pretrained = None
     meta = CheckpointMeta.read(ckpt.meta)
+    meta.verify(ckpt.path)
+    if partial and not ckpt.train_state.is_file():
+        raise CheckpointError(f"{ckpt.train_state}: missing; a mid-stage checkpoint needs its training state")
     try:
         weights = load_file(str(ckpt.weights))
     except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"{ckpt.weights}: not a readable safetensors file ({err})") from err
+        raise CheckpointError(f"{ckpt.weights}: not a readable safetensors file ({err})") from err
     model = into if into is not None else build_model(cfg.model, meta.num_classes)
     model.apply_structure(meta.structure)
     load_weights(model, weights, str(ckpt.path))
@@ -241,7 +321,5 @@ def load_model(
     model.to(torch.device(device))
     if into is None:
         model.eval()
-    train_state = None
-    if ckpt.train_state.is_file():
-        train_state = torch.load(ckpt.train_state, map_location="cpu", weights_only=True)
+    train_state = _read_train_state(ckpt.train_state) if ckpt.train_state.is_file() else None
     return LoadedCheckpoint(model, cfg, meta, ckpt.path, train_state, _read_projection(run, ckpt, model))

@@ -90,11 +90,18 @@ class LossConfig:
 LOSS_TERMS = tuple(f.name for f in dataclasses.fields(LossConfig) if f.type in ("float", float))
 
 
+# The stage kinds (each one function of scaleprotoseg.engine.stages). Gradient stages: train (the groups named in
+# ``trainable``) and proto_finetune (h_proto alone, after projection: the release's stage-1 last-layer fine-tuning).
+StageKind = Literal["train", "proto_finetune", "projection", "pruning", "threshold"]
+STAGE_KINDS: tuple[str, ...] = typing.get_args(StageKind)
+GRADIENT_KINDS = ("train", "proto_finetune")
+
+
 @dataclass
 class StageConfig:
     """One step of the multi-stage procedure."""
 
-    kind: Literal["train", "projection", "pruning", "threshold"] = "train"
+    kind: StageKind = "train"
     steps: int = 0  # optimizer steps (train stages)
     trainable: list[str] = field(default_factory=list)  # parameter groups: backbone, aspp, prototypes, ...
     lr: dict[str, float] = field(default_factory=dict)  # learning rate per parameter group
@@ -106,6 +113,7 @@ class StageConfig:
     alpha: float = 0.05  # threshold stage: group weights below alpha are zeroed
     prune_k: int = 6  # pruning stage: nearest patches inspected
     prune_threshold: int = 3  # pruning stage: prune when fewer than this many of the k are of the class
+    groups: bool = False  # the stage works on the grouped head (stage 2): groups are added first if missing
     enabled: bool = True
 
 
@@ -162,14 +170,30 @@ def _prototype_stages() -> dict[str, StageConfig]:
     }
 
 
+def _proto_finetune_stage() -> StageConfig:
+    """The release's stage-1 last-layer fine-tuning after projection (off by default; the paper configs turn it on
+    with their dataset's steps). The learning rate is ProtoSeg's fine-tuning rate."""
+    return StageConfig(
+        kind="proto_finetune",
+        steps=2000,
+        trainable=["last_layer"],
+        lr={"last_layer": 1e-5},
+        accumulation=5,
+        losses=["ce", "diversity", "l1_proto"],
+        enabled=False,
+    )
+
+
 def default_stages(method: str) -> dict[str, StageConfig]:
     """The paper's stage list for ``method`` with the Cityscapes step counts and learning rates."""
     S = StageConfig
     if method == "scaleprotoseg":
         return {
             **_prototype_stages(),
+            "proto_finetune": _proto_finetune_stage(),
             "group_warmup": S(
                 steps=2000,
+                groups=True,
                 trainable=["groups"],
                 lr={"groups": 2.5e-4},
                 accumulation=5,
@@ -177,6 +201,7 @@ def default_stages(method: str) -> dict[str, StageConfig]:
             ),
             "group_joint": S(
                 steps=30000,
+                groups=True,
                 trainable=["groups", "last_layer"],
                 lr={"groups": 2.5e-4, "last_layer": 2.5e-4},
                 schedule="poly",
@@ -410,6 +435,21 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def config_changes(old: Config, new: Config) -> dict[str, list[Any]]:
+    """``{"a.b.c": [old value, new value]}`` for every leaf value that differs between two configs."""
+
+    def leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    a, b = leaves(to_dict(old)), leaves(to_dict(new))
+    return {k: [a.get(k), b.get(k)] for k in list(a) + [k for k in b if k not in a] if a.get(k) != b.get(k)}
+
+
 TRAINABLE_GROUPS = ("backbone", "aspp", "prototypes", "groups", "last_layer")
 
 
@@ -446,12 +486,28 @@ def validate(cfg: Config, source: str = "config") -> None:
         for g in st.lr:
             if g not in TRAINABLE_GROUPS:
                 fail(f"train.stages.{name}.lr: unknown group {g!r}; expected any of {', '.join(TRAINABLE_GROUPS)}")
+        if st.kind == "proto_finetune" and st.trainable != ["last_layer"]:
+            fail(f"train.stages.{name}.trainable: {st.trainable}; a proto_finetune stage trains ['last_layer'] only")
         missing = [g for g in st.trainable if g not in st.lr]
-        if st.kind == "train" and st.enabled and missing:
+        gradient = st.kind in GRADIENT_KINDS and st.enabled
+        if gradient and missing:
             fail(f"train.stages.{name}.lr: no learning rate for trainable group(s) {', '.join(missing)}")
-        if st.kind == "train" and st.enabled and st.steps <= 0:
+        if gradient and st.steps <= 0:
             fail(f"train.stages.{name}.steps: {st.steps} is not valid; expected a positive number of steps")
+        needs_groups = [t for t in ("groups", "entropy", "l1_group") if t in st.trainable or t in st.losses]
+        if st.enabled and needs_groups and not st.groups:
+            fail(f"train.stages.{name}.groups: false, but the stage uses {', '.join(needs_groups)}; expected true")
+        if st.enabled and st.groups and (m.method != "scaleprotoseg" or st.kind != "train"):
+            fail(f"train.stages.{name}.groups: true needs a train stage of a scaleprotoseg model")
         if st.accumulation <= 0:
             fail(f"train.stages.{name}.accumulation: {st.accumulation}; expected a positive integer")
         if not 0 <= st.alpha < 1:
             fail(f"train.stages.{name}.alpha: {st.alpha}; expected 0 <= alpha < 1")
+    order = [(n, st) for n, st in cfg.train.stages.items() if st.enabled]
+    for i, (name, st) in enumerate(order):
+        if st.kind != "proto_finetune":
+            continue
+        if m.method == "deeplabv2" or not any(s.kind == "projection" for _, s in order[:i]):
+            fail(f"train.stages.{name}: a proto_finetune stage fine-tunes h_proto after a projection stage")
+        if any(s.groups for _, s in order[:i]):
+            fail(f"train.stages.{name}: a proto_finetune stage must come before the group stages")

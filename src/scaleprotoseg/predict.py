@@ -60,17 +60,9 @@ class Predictor:
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Full-resolution class scores (B, C, H, W) for a normalised batch, with the config's test mode."""
-        from scaleprotoseg.evaluation.inference import predict_logits
+        from scaleprotoseg.evaluation.inference import InferenceSettings
 
-        d = self.cfg.data
-        return predict_logits(
-            self.model,
-            x.to(self.device),
-            mode=d.test_mode,
-            crop_size=tuple(d.crop_size),
-            test_size=d.test_size,
-            msc_scales=tuple(d.msc_scales),
-        )
+        return InferenceSettings.from_config(self.cfg.data).logits(self.model, x.to(self.device))
 
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Label maps (B, H, W) for a normalised batch (the same path ``evaluate`` takes)."""

@@ -2,7 +2,7 @@
 
 Layout (``runs/<name>/``)::
 
-    config.yaml  env.json  state.json  metrics.jsonl  baselines.json  tensorboard/
+    config.yaml  env.json  state.json  metrics.jsonl  history.jsonl  baselines.json  tensorboard/  .lock
     checkpoints/<stage>/           a finished stage: model.safetensors, meta.json, projection.json[, train_state.pt]
     checkpoints/<stage>/partial/   a mid-stage checkpoint (the same files, with train_state.pt)
     final/                         the run's model: the files of a checkpoint, config.yaml, prototypes/, nearest/
@@ -11,6 +11,9 @@ Layout (``runs/<name>/``)::
 A checkpoint's ``projection.json`` describes the prototypes of that checkpoint (their source patches), so it always
 has the numbering of the weights beside it. Runs written before that kept one ``projection.json`` at the run root
 (:attr:`RunDir.legacy_projection`). Directories are replaced atomically (:func:`replace_dir`, :func:`recover_dir`).
+One process at a time works in a run directory (:meth:`RunDir.lock`, an OS lock on ``.lock`` that a killed process
+drops with its file descriptors); ``history.jsonl`` records each start and resume and the config changes a resume
+was allowed to make.
 """
 
 from __future__ import annotations
@@ -18,12 +21,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 FINAL = "final"
 BASELINES = "baselines.json"  # the baselines beside a model's scores: in the run root and in each eval/ folder
+
+
+class RunDirError(ValueError):
+    """A file of the run directory is unreadable or not what was expected; the message names it."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process works in the run directory; the message names its pid and host."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -201,11 +216,66 @@ class RunDir:
     def report(self) -> Path:
         return self.root / "report"
 
+    @property
+    def history(self) -> Path:
+        return self.root / "history.jsonl"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
     def read_state(self) -> dict[str, Any]:
-        """``state.json`` (completed stages and the current one); an empty state before the first stage."""
+        """``state.json`` (completed stages, the current one, ``final``: whether ``final/`` is written); an empty
+        state before the first stage."""
         if not self.state_file.is_file():
             return {"completed": [], "current": None}
-        return json.loads(self.state_file.read_text())
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RunDirError(f"{self.state_file}: not valid JSON ({err}); expected the run's state") from None
+        if not isinstance(state, dict) or not isinstance(state.get("completed", []), list):
+            raise RunDirError(f"{self.state_file}: expected a mapping with a 'completed' list, got {state!r:.80}")
+        return state
+
+    def has_progress(self) -> bool:
+        """Whether anything of the run would be lost by starting it over: a finished stage or a checkpoint."""
+        return bool(self.read_state().get("completed")) or bool(self.stages_with_checkpoints())
+
+    def append_history(self, event: str, **fields: Any) -> None:
+        """Append one record (``event``, time, pid, host and ``fields``) to ``history.jsonl``."""
+        record = {"event": event, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid()}
+        record.update(host=socket.gethostname(), **fields)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.history, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def read_history(self) -> list[dict[str, Any]]:
+        if not self.history.is_file():
+            return []
+        return [json.loads(line) for line in self.history.read_text().splitlines() if line.strip()]
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory for this process (``fcntl.flock`` on ``.lock``; the OS drops it when the process
+        ends, so a killed run leaves no stale lock). A second holder is refused with :class:`RunLockedError`."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                raise RunLockedError(
+                    f"run directory {self.root} is in use by {holder} (lock {self.lock_file}); "
+                    "wait for that process to end or use another run directory"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def write_state(self, state: dict[str, Any]) -> None:
         atomic_write_json(self.state_file, state)

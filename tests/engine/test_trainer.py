@@ -140,7 +140,7 @@ def test_resume_mid_stage_gives_identical_weights(synthetic_folder, tmp_path, ti
 
 
 def test_nan_loss_stops_with_stage_and_step_and_keeps_checkpoint(synthetic_folder, tmp_path, tiny_config, monkeypatch):
-    import scaleprotoseg.engine.trainer as trainer_mod
+    import scaleprotoseg.engine.loop as trainer_mod
 
     run = tmp_path / "run"
     cfg = tiny_config(synthetic_folder, "deeplabv2", **{"train.stages.train.steps": 5, "train.checkpoint_every": 2})

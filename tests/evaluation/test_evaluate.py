@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from scaleprotoseg.evaluation.evaluate import evaluate, shard_indices
+from scaleprotoseg.evaluation.inference import InferenceSettings
 from scaleprotoseg.models.heads import ModelOutput
 
 C = 4
@@ -84,7 +85,8 @@ def test_evaluate_equals_manual(batch_size: int) -> None:
 
 def test_evaluate_max_samples_and_modes() -> None:
     model, ds = _model(), FakeDataset()
-    r = evaluate(model, ds, num_classes=C, device="cpu", max_samples=2, progress=False, mode="sliding", crop_size=16)
+    sliding = InferenceSettings("sliding", (16, 16))
+    r = evaluate(model, ds, num_classes=C, device="cpu", max_samples=2, progress=False, inference=sliding)
     assert r["num_images"] == 2
     assert r["matrix"].sum() == sum(int((ds[i]["label"] != IGNORE).sum()) for i in range(2))
 

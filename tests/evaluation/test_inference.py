@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaleprotoseg.evaluation.inference import predict_logits, sliding_window_starts
+from scaleprotoseg.config import load_config
+from scaleprotoseg.evaluation.inference import InferenceSettings, predict_logits, sliding_window_starts
 from scaleprotoseg.models.heads import ModelOutput
 
 C = 5
@@ -145,3 +146,18 @@ def test_no_grad_and_invalid_arguments() -> None:
         predict_logits(model, x, msc_scales=(0.0,))
     with pytest.raises(ValueError, match="crop_size"):
         predict_logits(model, x, mode="sliding", crop_size=(0, 4))
+
+
+def test_inference_settings_from_config_and_changes() -> None:
+    """One record of the test protocol, built from the data config; command-line changes applied on top."""
+    data = load_config(None, ["data.test_mode=sliding", "data.crop_size=[12, 20]", "data.msc_scales=[0.5, 1]"]).data
+    settings = InferenceSettings.from_config(data)
+    assert settings == InferenceSettings("sliding", (12, 20), None, 0, (0.5, 1.0), False, 4)
+    assert InferenceSettings.from_config(data, flip=True, test_size=8).flip
+    with pytest.raises(TypeError):
+        InferenceSettings.from_config(data, msc=(1.0,))
+    model = _model(StrideModel)
+    image = torch.randn(1, 3, 24, 30)
+    expected = predict_logits(model, image, mode="sliding", crop_size=(12, 20), msc_scales=(0.5, 1.0))
+    assert torch.equal(settings.logits(model, image), expected)
+    assert not torch.equal(InferenceSettings().logits(model, image), expected)

@@ -359,18 +359,15 @@ class Analyzer:
 
     def _evaluate(self, model: Any, dataset: Any) -> float:
         from scaleprotoseg.evaluation.evaluate import evaluate
+        from scaleprotoseg.evaluation.inference import InferenceSettings
 
-        d = self.cfg.data
         res = evaluate(
             model,
             dataset,
             num_classes=len(self.class_names),
             ignore_index=self.info.ignore_index,
             device=self.device,
-            mode=d.test_mode,
-            crop_size=tuple(d.crop_size),
-            test_size=d.test_size,
-            msc_scales=tuple(d.msc_scales),
+            inference=InferenceSettings.from_config(self.cfg.data),
             max_samples=self.opts.max_images,
             progress=self.opts.progress,
         )

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.data.registry import build_dataset
     from scaleprotoseg.engine import distributed as dist_utils
     from scaleprotoseg.evaluation.evaluate import evaluate
+    from scaleprotoseg.evaluation.inference import InferenceSettings
     from scaleprotoseg.evaluation.miou import write_results
     from scaleprotoseg.evaluation.plots import plot_confusion_matrix, plot_per_class_iou
     from scaleprotoseg.rundir import BASELINES, RunDir
@@ -56,18 +57,20 @@ def run(args: argparse.Namespace) -> int:
         d.root = args.data_root
     split = args.split or d.val_split
     dataset = build_dataset(d, split, train=False)
-    msc = tuple(float(s) for s in args.msc.split(",")) if args.msc else tuple(d.msc_scales)
+    changes = {"flip": args.flip}
+    if args.mode:
+        changes["mode"] = args.mode
+    if args.test_size is not None:
+        changes["test_size"] = args.test_size
+    if args.msc:
+        changes["msc_scales"] = tuple(float(s) for s in args.msc.split(","))
     res = evaluate(
         model,
         dataset,
         num_classes=len(info.class_names),
         ignore_index=info.ignore_index,
         device=device,
-        mode=args.mode or d.test_mode,
-        crop_size=tuple(d.crop_size),
-        test_size=d.test_size if args.test_size is None else args.test_size,
-        msc_scales=msc,
-        flip=args.flip,
+        inference=InferenceSettings.from_config(d, **changes),
         max_samples=args.max_images,
         progress=not args.no_progress,
     )

@@ -1,11 +1,20 @@
 """``scaleprotoseg train``: all stages of a config into a run directory, then the nearest training patches of the
-final model for the explanations; ``--resume`` continues where it stopped."""
+final model for the explanations; ``--resume`` continues where it stopped (also an unfinished export). One process
+works in a run directory at a time (its lock); a resume keeps the run's config unless ``--allow-changes`` is given,
+and every start, resume and allowed change is recorded in the run's ``history.jsonl``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from scaleprotoseg.rundir import RunDir
+
+if TYPE_CHECKING:
+    from scaleprotoseg.config import Config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its last checkpoint")
     parser.add_argument("--stages", help="comma-separated subset of stages to run, e.g. group_warmup,group_joint")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
+    parser.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="let --resume (or --stages on an existing run) change the run's config; the change goes to history.jsonl",
+    )
     parser.add_argument("--stop-at", metavar="STAGE:STEP", help="stop after this optimizer step (resume later)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -30,9 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.config import load_config
     from scaleprotoseg.engine import distributed as dist_utils
-    from scaleprotoseg.engine.trainer import StopRequested, Trainer
-    from scaleprotoseg.explain.nearest import export_final_nearest
-    from scaleprotoseg.rundir import RunDir
 
     if args.resume:
         run = RunDir(args.resume)
@@ -44,11 +55,6 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("train: give a config with -c CONFIG (or --resume RUN)")
         cfg = load_config(args.config, args.overrides)
         run = RunDir(args.run_dir or Path("runs") / cfg.name)
-        if run.state_file.is_file() and not args.stages:
-            raise ValueError(
-                f"run directory {run.root} already holds a run; use --resume {run.root} to continue it, "
-                "--stages to re-run chosen stages, or another --run-dir"
-            )
     stop_at = None
     if args.stop_at:
         stage, _, step = args.stop_at.rpartition(":")
@@ -56,15 +62,44 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--stop-at {args.stop_at!r}: expected STAGE:STEP, e.g. joint:100")
         stop_at = (stage, int(step))
     dist_utils.init_distributed(args.device or cfg.train.device)
+    # The main process holds the run directory; the other ranks of a distributed run work under its lock.
+    with run.lock() if dist_utils.current().is_main else nullcontext():
+        return _train(args, run, cfg, stop_at)
+
+
+def _train(args: argparse.Namespace, run: RunDir, cfg: Config, stop_at: tuple[str, int] | None) -> int:
+    from scaleprotoseg.config import config_changes, load_config
+    from scaleprotoseg.engine.trainer import StopRequested, Trainer
+    from scaleprotoseg.explain.nearest import export_final_nearest
+
+    changes: dict[str, list] = {}
+    if not args.resume and run.state_file.is_file() and not args.stages and run.has_progress():
+        raise ValueError(
+            f"run directory {run.root} already holds a run; use --resume {run.root} to continue it, "
+            "--stages to re-run chosen stages, or another --run-dir"
+        )
+    if run.config.is_file() and (args.resume or args.stages):
+        changes = config_changes(load_config(run.config), cfg)
+        if changes and not args.allow_changes:
+            listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in ((k, *v) for k, v in changes.items()))
+            raise ValueError(
+                f"{run.config}: this would change the run's config ({listed}); "
+                "add --allow-changes to continue with the new values (recorded in history.jsonl)"
+            )
     trainer = Trainer(cfg, run.root, device=args.device, progress=not args.no_progress, stop_at=stop_at)
+    if trainer.dist.is_main:
+        event = "resume" if args.resume else ("stages" if args.stages else "start")
+        run.append_history(event, command=" ".join(sys.argv), **({"changes": changes} if changes else {}))
     only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     try:
         results = trainer.run_stages(only, argv=sys.argv)
     except StopRequested as stop:
         print(f"{stop}; continue with: scaleprotoseg train --resume {run.root}")
         return 0
-    if results and trainer.dist.is_main:  # the step after training: nearest training patches for the explanations
+    if trainer.dist.is_main and run.read_state().get("final") == "model":
+        # the step after training: nearest training patches for the explanations (also when a resume finds it undone)
         export_final_nearest(run, device=trainer.device)
+        run.write_state({**run.read_state(), "final": "done"})
     if trainer.dist.is_main:
         for r in results:
             miou = r.metrics.get("val_miou")

@@ -1,8 +1,10 @@
 """The multi-stage training procedure (section 3.3, supplement 6-8), resumable at any optimizer step.
 
-ScaleProtoSeg: warmup -> joint -> projection (+ duplicate removal) -> group_warmup -> group_joint -> threshold.
-ProtoSeg: warmup -> joint -> projection -> pruning -> finetune. DeepLabv2: one train stage. Stage lists, steps and
-learning rates come from the config (:func:`scaleprotoseg.config.default_stages`).
+ScaleProtoSeg: warmup -> joint -> projection (+ duplicate removal) [-> proto_finetune] -> group_warmup -> group_joint
+-> threshold. ProtoSeg: warmup -> joint -> projection -> pruning -> finetune. DeepLabv2: one train stage. Stage lists,
+steps and learning rates come from the config (:func:`scaleprotoseg.config.default_stages`); each stage kind is a
+function of :mod:`scaleprotoseg.engine.stages`, the gradient steps are :mod:`scaleprotoseg.engine.loop`. The
+``train`` command holds the run directory's lock (:meth:`scaleprotoseg.rundir.RunDir.lock`) around a trainer.
 """
 
 from __future__ import annotations
@@ -10,35 +12,22 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from scaleprotoseg.checkpoint import CheckpointMeta, load_model, write_checkpoint
-from scaleprotoseg.config import Config, StageConfig, save_config
+from scaleprotoseg.config import GRADIENT_KINDS, Config, StageConfig, save_config
 from scaleprotoseg.engine import distributed as dist_utils
-from scaleprotoseg.engine.group_stats import group_change, group_snapshot
-from scaleprotoseg.engine.optim import build_optimizer, build_scheduler
-from scaleprotoseg.engine.sampler import KeyedDataset, StreamSampler
-from scaleprotoseg.losses import compute_losses
-from scaleprotoseg.models.heads import ScaleProtoSegHead
-from scaleprotoseg.models.segmenter import Segmenter, build_model, msc_forward, prototype_head
+from scaleprotoseg.engine.loop import StopRequested, TrainingDiverged
+from scaleprotoseg.engine.stages import STAGE_FUNCTIONS
+from scaleprotoseg.models.segmenter import Segmenter, build_model, prototype_head
 from scaleprotoseg.prototypes.projection import ProjectionResult
 from scaleprotoseg.rundir import CheckpointDir, RunDir, atomic_write_json, discard_dir, recover_dir
 
-
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the message names the stage and step. Nothing after the last good checkpoint
-    was written."""
-
-
-class StopRequested(Exception):
-    """Raised internally when ``stop_at`` is reached (used to stop a run at a chosen step, e.g. in tests)."""
+__all__ = ["StageResult", "StopRequested", "Trainer", "TrainingDiverged", "environment_info"]
 
 
 @dataclass
@@ -46,14 +35,6 @@ class StageResult:
     name: str
     kind: str
     metrics: dict[str, Any]
-
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in items[0]:
-        vals = [it[key] for it in items]
-        out[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
-    return out
 
 
 def _stage_seed(seed: int, stage_index: int) -> int:
@@ -93,6 +74,7 @@ class Trainer:
         self.run = RunDir(run_dir)
         self.progress = progress
         self.stop_at = stop_at
+        self._check_stop_at()
         self.dist = dist_utils.current()
         dev_name = device or cfg.train.device
         self.device = dist_utils.resolve_device(dev_name, self.dist)
@@ -116,6 +98,20 @@ class Trainer:
         self.projection: ProjectionResult | None = None  # the sources of the current prototypes, once projected
 
     # -- setup -------------------------------------------------------------------------------------------------
+    def _check_stop_at(self) -> None:
+        """``stop_at`` names a gradient stage of this run and a step inside it, or it is refused before anything."""
+        if self.stop_at is None:
+            return
+        stage, step = self.stop_at
+        valid = [n for n in self.stage_names() if self.cfg.train.stages[n].kind in GRADIENT_KINDS]
+        if stage not in valid:
+            raise ValueError(
+                f"--stop-at {stage}:{step}: no gradient stage {stage!r} in this run; expected one of {', '.join(valid)}"
+            )
+        steps = self.cfg.train.stages[stage].steps
+        if not 1 <= step <= steps:
+            raise ValueError(f"--stop-at {stage}:{step}: step {step} is not valid; expected 1 to {steps}")
+
     def _load_datasets(self) -> None:
         from scaleprotoseg.data.registry import build_dataset
 
@@ -144,7 +140,7 @@ class Trainer:
                 f"run `scaleprotoseg data check` on the dataset"
             )
 
-    def _projection_dataset(self):
+    def projection_dataset(self) -> Any:
         """Training images as the model sees them at test time (whole, no augmentation) for projection, pruning and
         the prototype patches; built once per trainer."""
         if self._proj_dataset is None:
@@ -153,7 +149,7 @@ class Trainer:
             self._proj_dataset = build_dataset(self.cfg.data, self.cfg.data.train_split, train=False)
         return self._proj_dataset
 
-    def _save(self, directory: Path, stage: str, step: int, **files: Any) -> None:
+    def save_checkpoint(self, directory: Path, stage: str, step: int, **files: Any) -> None:
         """Write the model, its metadata and the projection of its prototypes as a checkpoint into ``directory``."""
         meta = CheckpointMeta.of_model(
             self.model, stage=stage, step=step, info=self.info, normalization=self.cfg.data.normalization
@@ -172,7 +168,8 @@ class Trainer:
         return [n for n, s in self.cfg.train.stages.items() if s.enabled]
 
     def run_stages(self, only: list[str] | None = None, argv: list[str] | None = None) -> list[StageResult]:
-        """Run all (or ``only`` the named) stages that are not completed yet, resuming a partial one."""
+        """Run all (or ``only`` the named) stages that are not completed yet, resuming a partial one, then export
+        ``final/`` (also when a resume finds every stage done but the export unfinished)."""
         names = self.stage_names()
         if only:
             unknown = [n for n in only if n not in names]
@@ -185,15 +182,7 @@ class Trainer:
             save_config(self.cfg, self.run.config)
             atomic_write_json(self.run.env, environment_info(self.cfg, argv))
         dist_utils.barrier()
-        if self.cfg.train.tensorboard and self.dist.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise RuntimeError(
-                    "train.tensorboard is true but tensorboard is not installed; "
-                    "pip install 'scaleprotoseg[tensorboard]'"
-                ) from err
-            self.tb = SummaryWriter(str(self.run.tensorboard))
+        self.tb = self._tensorboard()
         results = []
         in_memory = False  # does self.model hold the output of the stage before this one?
         for i, name in enumerate(names):
@@ -207,247 +196,59 @@ class Trainer:
             results.append(self._run_stage(i, name, self.cfg.train.stages[name]))
             completed = [n for n in completed if n != name] + [name]
             if self.dist.is_main:
-                self.run.write_state({"completed": completed, "current": None})
+                self.run.write_state({**self.run.read_state(), "completed": completed, "current": None})
             in_memory = True
             dist_utils.barrier()
-        if results and self.dist.is_main:
-            self.export_final(results[-1].name)
+        export = results[-1].name if results else self._unfinished_export(names, completed, only)
+        if export is not None and self.dist.is_main:
+            if not results:  # a resume after a crash during the export: the last stage's model, as it was
+                self.load_stage_checkpoint(export)
+            self.export_final(export)
         dist_utils.barrier()
         if results and self.dist.is_main:  # after the last collective: the other ranks need not wait for it
             self._report_baselines(results)
         return results
 
+    def _unfinished_export(self, names: list[str], completed: list[str], only: list[str] | None) -> str | None:
+        """The stage to export when every stage is done but ``final/`` was not (fully) written, else None."""
+        if only or not names or any(n not in completed for n in names):
+            return None
+        final = self.run.checkpoint().recovered()
+        if self.run.read_state().get("final") and final is not None and final.weights.is_file():
+            return None
+        return names[-1]
+
+    def _tensorboard(self) -> Any:
+        if not (self.cfg.train.tensorboard and self.dist.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise RuntimeError(
+                "train.tensorboard is true but tensorboard is not installed; pip install 'scaleprotoseg[tensorboard]'"
+            ) from err
+        return SummaryWriter(str(self.run.tensorboard))
+
     def _run_stage(self, index: int, name: str, stage: StageConfig) -> StageResult:
         torch.manual_seed(_stage_seed(self.cfg.train.seed, index))
         if self.dist.is_main:
-            self.run.write_state({**self.run.read_state(), "current": {"stage": name, "kind": stage.kind}})
-        if stage.kind == "train":
-            metrics = self._train_stage(name, stage)
-        elif stage.kind == "projection":
-            metrics = self._projection_stage(name)
-        elif stage.kind == "pruning":
-            metrics = self._pruning_stage(name, stage)
-        elif stage.kind == "threshold":
-            metrics = self._threshold_stage(name, stage)
-        else:  # pragma: no cover - the schema forbids it
-            raise ValueError(f"unknown stage kind {stage.kind!r}")
-        val = self.validate(name)
-        metrics.update(val)
+            state = self.run.read_state()
+            self.run.write_state({**state, "current": {"stage": name, "kind": stage.kind}, "final": None})
+        metrics = STAGE_FUNCTIONS[stage.kind](self, name, stage)
+        metrics.update(self.validate(name))
         if self.dist.is_main:
-            self._save(self.run.stage_dir(name), name, stage.steps)
+            self.save_checkpoint(self.run.stage_dir(name), name, stage.steps)
             discard_dir(self.run.partial_dir(name))
             self.run.log_metrics({"stage": name, "kind": stage.kind, "event": "stage_end", **metrics})
         return StageResult(name, stage.kind, metrics)
 
-    # -- train stages ------------------------------------------------------------------------------------------
-    def _uses_groups(self, stage: StageConfig) -> bool:
-        return "groups" in stage.trainable or any(t in ("entropy", "l1_group") for t in stage.losses)
-
-    def _train_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
-        cfg, model = self.cfg, self.model
-        head = model.head
-        proto = prototype_head(model)
-        if self._uses_groups(stage) and not (proto is not None and proto.grouped):
-            if not isinstance(proto, ScaleProtoSegHead):
-                raise ValueError(f"stage {name}: groups need a ScaleProtoSeg model, not {model.method}")
-            proto.enable_groups()
-        start_step, consumed, train_state = 0, 0, None
-        if recover_dir(self.run.partial_dir(name)) is not None:
-            train_state = self.load_stage_checkpoint(name, partial=True)
-            start_step = int(train_state["step"])
-            consumed = int(train_state["samples_consumed"])
-        group_start = None  # the groups at the start of the stage (kept in the partial checkpoint to survive a resume)
-        if "groups" in stage.trainable and isinstance(proto, ScaleProtoSegHead) and proto.grouping is not None:
-            saved = (train_state or {}).get("group_start")
-            group_start = saved if saved is not None else group_snapshot(head)
-        unknown = model.set_trainable(stage.trainable)
-        if unknown:
-            raise ValueError(f"stage {name}: the {model.method} model has no parameter group(s) {', '.join(unknown)}")
-        optimizer = build_optimizer(model, stage)
-        scheduler = build_scheduler(optimizer, stage)
-        if train_state is not None:
-            optimizer.load_state_dict(train_state["optimizer"])
-            scheduler.load_state_dict(train_state["scheduler"])
-            torch.set_rng_state(train_state["rng"])
-        net: torch.nn.Module = model
-        if self.dist.enabled:
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        model.train()
-        bs = cfg.data.batch_size
-        sampler = StreamSampler(len(self.train_dataset), cfg.train.seed, consumed, self.dist.rank, self.dist.world_size)
-        loader = DataLoader(
-            KeyedDataset(self.train_dataset),
-            batch_size=bs,
-            sampler=sampler,
-            num_workers=cfg.data.num_workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
-        batches = iter(loader)
-        terms = stage.losses or ["ce"]
-        amp = cfg.train.amp and self.device.type == "cuda"
-        bar = tqdm(
-            total=stage.steps,
-            initial=start_step,
-            desc=f"{name}",
-            disable=not (self.progress and self.dist.is_main),
-            dynamic_ncols=True,
-        )
-        t0 = time.time()
-        running: dict[str, float] = {}
-        for step in range(start_step, stage.steps):
-            optimizer.zero_grad(set_to_none=True)
-            step_terms: dict[str, float] = {}
-            for _ in range(stage.accumulation):
-                batch = next(batches)
-                consumed += bs
-                x = batch["image"].to(self.device, non_blocking=True)
-                y = batch["label"].to(self.device, non_blocking=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
-                    if cfg.data.msc_scales:
-                        outs, fused = msc_forward(net, x, cfg.data.msc_scales)
-                        main = next((o for o, s in zip(outs, cfg.data.msc_scales) if s == 1), outs[-1])
-                        output = main.map(lambda t: t.float())
-                        extra = [fused.float()] + (
-                            [o.logits.float() for o in outs if o is not main] if cfg.loss.msc_all_scales else []
-                        )
-                    else:
-                        output = net(x).map(lambda t: t.float())
-                        extra = []
-                losses = compute_losses(
-                    output, y, head, cfg.loss, terms, ignore_index=self.ignore_index, extra_logits=extra
-                )
-                total = losses["total"]
-                if not torch.isfinite(total):
-                    raise TrainingDiverged(
-                        f"stage {name!r}, step {step}: the loss is {total.item()} "
-                        f"(terms: { {k: round(float(v.detach()), 6) for k, v in losses.items()} }); stopped before the "
-                        f"optimizer step, nothing was written; the last good checkpoint is {self._last_good(name)}"
-                    )
-                (total / stage.accumulation).backward()
-                for k, v in losses.items():
-                    step_terms[k] = step_terms.get(k, 0.0) + float(v.detach()) / stage.accumulation
-            optimizer.step()
-            scheduler.step()
-            if isinstance(proto, ScaleProtoSegHead) and group_start is not None:
-                proto.project_groups_()  # projected gradient: rows back on the simplex after every step
-            for k, v in step_terms.items():
-                running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()}, refresh=False)
-            if done % max(cfg.train.log_every, 1) == 0 or done == stage.steps:
-                reduced = dist_utils.all_reduce_mean(step_terms, self.device)  # collective: every rank calls it
-                if self.dist.is_main:
-                    rec = {
-                        "stage": name,
-                        "step": done,
-                        "lr": scheduler.get_last_lr()[0],
-                        **reduced,
-                        "time": round(time.time() - t0, 3),
-                    }
-                    self.run.log_metrics(rec)
-                    if self.tb is not None:
-                        for k, v in reduced.items():
-                            self.tb.add_scalar(f"{name}/{k}", v, done)
-            if cfg.train.val_every and done % cfg.train.val_every == 0 and done != stage.steps:
-                self.validate(name, step=done)
-                model.train()
-            at_stop = self.stop_at is not None and self.stop_at == (name, done)
-            if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != stage.steps) or (
-                at_stop
-            ):
-                if self.dist.is_main:
-                    state = {
-                        "stage": name,
-                        "step": done,
-                        "samples_consumed": consumed,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(),
-                    }
-                    if group_start is not None:
-                        state["group_start"] = group_start
-                    self._save(self.run.partial_dir(name), name, done, train_state=state)
-                    self.run.write_state({**self.run.read_state(), "current": {"stage": name, "step": done}})
-                dist_utils.barrier()
-            if at_stop:
-                bar.close()
-                raise StopRequested(f"stopped at stage {name} step {done} as requested")
-        bar.close()
-        del batches
-        model.set_trainable([])
-        metrics: dict[str, Any] = {"steps": stage.steps, "loss": {k: round(v, 6) for k, v in running.items()}}
-        if group_start is not None:
-            metrics["groups"] = group_change(group_start, head)
-        return metrics
-
-    def _last_good(self, stage: str) -> str:
+    def last_good(self, stage: str) -> str:
+        """The checkpoint a failure in ``stage`` falls back to (for error messages)."""
         partial = recover_dir(self.run.partial_dir(stage))
         if partial is not None:
             return str(partial)
         done = self.run.read_state().get("completed", [])
         return str(self.run.stage_dir(done[-1])) if done else "none (no stage had finished)"
-
-    # -- non-gradient stages -----------------------------------------------------------------------------------
-    def _projection_stage(self, name: str) -> dict[str, Any]:
-        from scaleprotoseg.prototypes import projection
-
-        if prototype_head(self.model) is None:
-            raise ValueError(f"stage {name}: projection needs a prototype model, not {self.model.method}")
-        result = projection.project_prototypes(
-            self.model,
-            self._projection_dataset(),
-            device=self.device,
-            ignore_index=self.ignore_index,
-            num_workers=self.cfg.data.num_workers,
-            progress=self.progress and self.dist.is_main,
-        )
-        projection.apply_projection(self.model, result)
-        before = self.model.head.num_prototypes
-        report = projection.remove_duplicates(self.model)
-        self.projection = result.select(report.kept)
-        return {
-            "prototypes_before": before,
-            "prototypes_after": self.model.head.num_prototypes,
-            "duplicates_removed": len(report.removed),
-        }
-
-    def _pruning_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
-        from scaleprotoseg.prototypes import pruning
-
-        before = self.model.head.num_prototypes
-        report = pruning.prune_prototypes(
-            self.model,
-            self._projection_dataset(),
-            k=stage.prune_k,
-            threshold=stage.prune_threshold,
-            device=self.device,
-            ignore_index=self.ignore_index,
-            progress=self.progress and self.dist.is_main,
-        )
-        if self.projection is not None:
-            self.projection = self.projection.select(report.kept)
-        return {
-            "prototypes_before": before,
-            "prototypes_after": self.model.head.num_prototypes,
-            "pruned": len(report.pruned),
-            "rescued": len(report.rescued),
-        }
-
-    def _threshold_stage(self, name: str, stage: StageConfig) -> dict[str, Any]:
-        head = prototype_head(self.model)
-        if not isinstance(head, ScaleProtoSegHead) or head.grouping is None:
-            raise ValueError(f"stage {name}: thresholding needs trained groups (run group stages first)")
-        zeroed = head.threshold_groups_(stage.alpha)
-        return {
-            "alpha": stage.alpha,
-            "weights_zeroed": zeroed,
-            "prototypes_used": int(head.grouping.used_prototypes().numel()),
-        }
 
     # -- validation and export ---------------------------------------------------------------------------------
     def validate(self, stage: str, step: int | None = None) -> dict[str, Any]:
@@ -455,18 +256,15 @@ class Trainer:
         if self.val_dataset is None or len(self.val_dataset) == 0:
             return {}
         from scaleprotoseg.evaluation.evaluate import evaluate
+        from scaleprotoseg.evaluation.inference import InferenceSettings
 
-        d = self.cfg.data
         res = evaluate(
             self.model,
             self.val_dataset,
             num_classes=self.num_classes,
             ignore_index=self.ignore_index,
             device=self.device,
-            mode=d.test_mode,
-            crop_size=tuple(d.crop_size),
-            test_size=d.test_size,
-            msc_scales=tuple(d.msc_scales),
+            inference=InferenceSettings.from_config(self.cfg.data),
             progress=False,
         )
         out = {"val_miou": float(res["miou"]), "val_pixel_accuracy": float(res["pixel_accuracy"])}
@@ -484,7 +282,7 @@ class Trainer:
 
         try:
             own = isinstance(self.train_dataset, SegmentationDataset)
-            train = self.train_dataset if own else self._projection_dataset()
+            train = self.train_dataset if own else self.projection_dataset()
             _, lines = training_baseline_report(
                 train, self.val_dataset, results, self.run.baselines, split=self.cfg.data.val_split
             )
@@ -497,17 +295,19 @@ class Trainer:
             self.run.log_metrics({"event": "baseline_warning", "warnings": warnings})
 
     def export_final(self, stage: str) -> Path:
-        """Write ``final/``: weights, meta, config, the projection and the prototype patches; enough to predict and
-        explain with nothing else (the nearest training patches are a later step, ``explain.nearest``)."""
+        """Write ``final/`` (aside, then swapped in whole): weights, meta, config, the projection and the prototype
+        patches; enough to predict and explain with nothing else (the nearest training patches are a later step,
+        ``explain.nearest``). ``state.json`` then says ``final: model``."""
         from scaleprotoseg.prototypes.projection import save_prototype_patches
 
         def patches(final: CheckpointDir) -> None:
             if self.projection is None or prototype_head(self.model) is None:
                 return
             try:
-                save_prototype_patches(self.projection, self._projection_dataset(), final.prototypes)
+                save_prototype_patches(self.projection, self.projection_dataset(), final.prototypes)
             except Exception as err:  # patches are a convenience: a missing file must not lose the run
                 final.error_note("prototypes").write_text(f"could not save prototype patches: {err}\n")
 
-        self._save(self.run.final, stage, 0, config=self.cfg, extra=patches)
+        self.save_checkpoint(self.run.final, stage, 0, config=self.cfg, extra=patches)
+        self.run.write_state({**self.run.read_state(), "final": "model"})
         return self.run.final

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from scaleprotoseg.evaluation.inference import Mode, predict_logits
+from scaleprotoseg.evaluation.inference import InferenceSettings
 from scaleprotoseg.evaluation.miou import ConfusionMatrix
 
 __all__ = ["evaluate", "shard_indices"]
@@ -44,13 +43,7 @@ def evaluate(
     num_classes: int,
     ignore_index: int = 255,
     device: torch.device | str | None = None,
-    mode: Mode = "whole",
-    crop_size: int | Sequence[int] | None = None,
-    stride: int | Sequence[int] | None = None,
-    test_size: int = 0,
-    msc_scales: Sequence[float] = (),
-    flip: bool = False,
-    tile_batch_size: int = 4,
+    inference: InferenceSettings | None = None,
     batch_size: int = 1,
     num_workers: int = 0,
     max_samples: int = 0,
@@ -58,8 +51,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """mIoU of ``model`` over ``dataset`` (items: ``image`` (3, H, W) float32, ``label`` (H, W) int64).
 
-    Images are predicted whole-size with `predict_logits` (the mode arguments are passed through), the argmax is
-    compared with the label and counts are summed over the split (ignore pixels excluded). A batch of
+    Images are predicted whole-size with ``inference`` (:class:`InferenceSettings`, default: whole images), the
+    argmax is compared with the label and counts are summed over the split (ignore pixels excluded). A batch of
     ``batch_size`` items is split into groups of equal image size, so variable-size splits need no padding. Under
     torch.distributed each rank evaluates the shard ``rank::world_size`` and the matrices are summed; every rank
     returns the same metrics. The model is put in eval mode and its previous mode restored afterwards; ``device``
@@ -68,6 +61,7 @@ def evaluate(
     Returns `ConfusionMatrix.compute()` plus ``num_images``, ``seconds`` and ``seconds_per_image`` (wall clock of
     this rank) and ``mode``.
     """
+    inference = inference or InferenceSettings()
     if batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size}; expected >= 1")
     if device is None:
@@ -97,17 +91,7 @@ def evaluate(
                         f"sample {name}: label size {tuple(label.shape[-2:])} differs from image size "
                         f"{tuple(image.shape[-2:])}; expected equal sizes"
                     )
-                logits = predict_logits(
-                    model,
-                    image,
-                    mode=mode,
-                    crop_size=crop_size,
-                    stride=stride,
-                    test_size=test_size,
-                    msc_scales=msc_scales,
-                    flip=flip,
-                    tile_batch_size=tile_batch_size,
-                )
+                logits = inference.logits(model, image)
                 cm.update(logits.argmax(dim=1), label)
                 count += len(group)
     finally:
@@ -124,6 +108,6 @@ def evaluate(
         num_images=count,
         seconds=seconds,
         seconds_per_image=seconds * world / count if count else float("nan"),
-        mode=mode,
+        mode=inference.mode,
     )
     return result

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +23,54 @@ from scaleprotoseg.models.heads import ModelOutput
 from scaleprotoseg.models.segmenter import Segmenter
 from scaleprotoseg.ops import resize_image, upsample_logits
 
-__all__ = ["MODES", "predict_logits", "sliding_window_starts"]
+if TYPE_CHECKING:
+    from scaleprotoseg.config import DataConfig
+
+__all__ = ["MODES", "InferenceSettings", "predict_logits", "sliding_window_starts"]
 
 MODES = ("whole", "sliding", "short_side")
 Mode = Literal["whole", "sliding", "short_side"]
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a model is run on whole images (the test protocol of supplement 6), in one record: built from a config
+    with :meth:`from_config` and passed whole to validation, ``evaluate``, ``predict``, the report and the analyses.
+    The fields are :func:`predict_logits`'s arguments of the same names."""
+
+    mode: Mode = "whole"
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    test_size: int = 0
+    msc_scales: tuple[float, ...] = ()
+    flip: bool = False
+    tile_batch_size: int = 4
+
+    @classmethod
+    def from_config(cls, data: DataConfig, **changes: Any) -> InferenceSettings:
+        """The settings of ``data`` (``test_mode``, ``crop_size``, ``test_size``, ``msc_scales``; no flip), with
+        ``changes`` (e.g. command-line options) applied on top."""
+        base = cls(
+            mode=data.test_mode,
+            crop_size=(int(data.crop_size[0]), int(data.crop_size[1])),
+            test_size=int(data.test_size),
+            msc_scales=tuple(float(s) for s in data.msc_scales),
+        )
+        return cls(**{**base.__dict__, **changes})
+
+    def logits(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """:func:`predict_logits` with these settings."""
+        return predict_logits(
+            model,
+            image,
+            mode=self.mode,
+            crop_size=self.crop_size,
+            stride=self.stride,
+            test_size=self.test_size,
+            msc_scales=self.msc_scales,
+            flip=self.flip,
+            tile_batch_size=self.tile_batch_size,
+        )
 
 
 def _logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -258,6 +258,7 @@ def _evaluation(run: RunDir, predictor: Any, out: Path, evaluate_missing: bool, 
         csv_path = src / "per_class_iou.csv"
     elif evaluate_missing and val is not None:
         from scaleprotoseg.evaluation.evaluate import evaluate
+        from scaleprotoseg.evaluation.inference import InferenceSettings
         from scaleprotoseg.evaluation.miou import write_results
         from scaleprotoseg.evaluation.plots import plot_confusion_matrix, plot_per_class_iou
 
@@ -268,10 +269,7 @@ def _evaluation(run: RunDir, predictor: Any, out: Path, evaluate_missing: bool, 
             num_classes=len(names),
             ignore_index=predictor.info.ignore_index,
             device=predictor.device,
-            mode=d.test_mode,
-            crop_size=tuple(d.crop_size),
-            test_size=d.test_size,
-            msc_scales=tuple(d.msc_scales),
+            inference=InferenceSettings.from_config(d),
             progress=False,
         )
         src = out / "assets" / "eval" / "report"
