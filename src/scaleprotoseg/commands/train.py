@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         if not stage or not step.isdigit():
             raise ValueError(f"--stop-at {args.stop_at!r}: expected STAGE:STEP, e.g. joint:100")
         stop_at = (stage, int(step))
+    from scaleprotoseg.data.check import require_preflight
+
+    require_preflight(cfg.data, str(run.config if args.resume else args.config))  # headers, before the first step
     dist_utils.init_distributed(args.device or cfg.train.device)
     trainer = Trainer(cfg, run.root, device=args.device, progress=not args.no_progress, stop_at=stop_at)
     only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None

@@ -108,7 +108,10 @@ def evaluate(
                     flip=flip,
                     tile_batch_size=tile_batch_size,
                 )
-                cm.update(logits.argmax(dim=1), label)
+                try:
+                    cm.update(logits.argmax(dim=1), label)
+                except ValueError as err:  # name the samples: "target contains label 2" alone names no file
+                    raise ValueError(f"{_where(dataset, group)}: {err}") from None
                 count += len(group)
     finally:
         model.train(was_training)
@@ -127,3 +130,12 @@ def evaluate(
         mode=mode,
     )
     return result
+
+
+def _where(dataset: Any, group: list[dict[str, Any]]) -> str:
+    """The files of a group of items (a SegmentationDataset knows them), else their sample names."""
+    from scaleprotoseg.data.base import SegmentationDataset
+
+    if isinstance(dataset, SegmentationDataset):
+        return ", ".join(" / ".join(str(f) for f in dataset.sample_files(int(it["index"]))) for it in group)
+    return "sample " + ", ".join(str(it.get("name", it.get("index", "?"))) for it in group)
