@@ -248,46 +248,49 @@ def read_header(path: str | Path) -> ImageHeader:
     img = _open_pil(path, decode=False)
     with img:
         width, height = img.size
-        mode, channels = img.mode, len(img.getbands())
-        orientation = img.getexif().get(0x0112, 1) if img.format in ("JPEG", "TIFF", "PNG", "WEBP", "MPO") else 1
-        fmt = img.format
+        mode, channels, fmt = img.mode, len(img.getbands()), img.format
+        problem, png_exif = _incomplete(path, fmt)
+        if problem:
+            raise ValueError(f"{path}: truncated {fmt} ({problem})")
+        # PIL finds a PNG's eXIf chunk only by decoding, so it is asked only when the chunk walk saw one
+        orientation = 1
+        if fmt in ("JPEG", "MPO", "WEBP", "TIFF") or png_exif:
+            try:
+                orientation = img.getexif().get(0x0112, 1)
+            except Exception as err:
+                raise ValueError(f"{path}: unreadable EXIF data ({type(err).__name__}: {err})") from None
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    problem = _incomplete(path, fmt)
-    if problem:
-        raise ValueError(f"{path}: truncated {fmt} ({problem})")
     return ImageHeader(width, height, mode, channels)
 
 
-def _incomplete(path: Path, fmt: str | None) -> str | None:
-    """Why ``path`` (of PIL format ``fmt``) is shorter than its own structure says, or None."""
+def _incomplete(path: Path, fmt: str | None) -> tuple[str | None, bool]:
+    """(why ``path`` of PIL format ``fmt`` is shorter than its own structure says, or None; whether a PNG has an
+    eXIf chunk)."""
     import struct
 
     size = path.stat().st_size
     with path.open("rb") as f:
         if fmt == "PNG":
-            pos = 8
+            pos, exif = 8, False
             while pos + 8 <= size:
                 f.seek(pos)
                 length, kind = struct.unpack(">I4s", f.read(8))
                 pos += 12 + length
+                exif |= kind == b"eXIf"
                 if pos > size:
-                    return f"chunk {kind.decode('latin-1')!r} runs past the end of the file ({size} bytes)"
+                    return f"chunk {kind.decode('latin-1')!r} runs past the end of the file ({size} bytes)", exif
                 if kind == b"IEND":
-                    return None
-            return f"no IEND chunk in {size} bytes"
+                    return None, exif
+            return f"no IEND chunk in {size} bytes", exif
         if fmt in ("JPEG", "MPO"):
             f.seek(max(0, size - 4096))
-            return None if b"\xff\xd9" in f.read() else f"no end-of-image marker in {size} bytes"
-        if fmt == "BMP":
-            f.seek(2)
-            declared = struct.unpack("<I", f.read(4))[0]
-            return None if declared <= size or declared == 0 else f"{size} bytes, the header declares {declared}"
-        if fmt == "WEBP":
-            f.seek(4)
-            declared = struct.unpack("<I", f.read(4))[0] + 8
-            return None if declared <= size else f"{size} bytes, the header declares {declared}"
-    return None
+            return (None if b"\xff\xd9" in f.read() else f"no end-of-image marker in {size} bytes"), False
+        if fmt in ("BMP", "WEBP"):
+            f.seek(2 if fmt == "BMP" else 4)
+            declared = struct.unpack("<I", f.read(4))[0] + (0 if fmt == "BMP" else 8)
+            return (None if declared <= size else f"{size} bytes, the header declares {declared}"), False
+    return None, False
 
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:
