@@ -164,3 +164,40 @@ def test_config_changes_lists_leaf_differences():
         "train.seed": [0, 1],
         "train.stages.joint.lr.backbone": [2.5e-5, 0.5],
     }
+
+
+NUMERIC_CASES = [  # (key=value, key, value as the message shows it, expected range)
+    ("train.stages.joint.lr.backbone=-2.5e-5", "train.stages.joint.lr.backbone", "-2.5e-05", "a finite number > 0"),
+    ("train.stages.joint.lr.aspp=.nan", "train.stages.joint.lr.aspp", "nan", "a finite number > 0"),
+    ("train.stages.warmup.steps=-1", "train.stages.warmup.steps", "-1", "an integer >= 0"),
+    ("train.stages.joint.weight_decay=-1", "train.stages.joint.weight_decay", "-1.0", "a finite number >= 0"),
+    ("train.stages.joint.power=.inf", "train.stages.joint.power", "inf", "a finite number >= 0"),
+    ("data.crop_size=[0, 32]", "data.crop_size[0]", "0", "an integer >= 1"),
+    ("data.max_train_samples=-3", "data.max_train_samples", "-3", "an integer >= 0 (0: all)"),
+    ("data.val_batch_size=0", "data.val_batch_size", "0", "an integer >= 1"),
+    ("data.msc_scales=[0.5, 0]", "data.msc_scales[1]", "0.0", "a finite number > 0"),
+    ("model.bn_momentum=1.5", "model.bn_momentum", "1.5", "a number in [0, 1]"),
+    ("model.activation_eps=0", "model.activation_eps", "0.0", "a finite number > 0"),
+    ("loss.diversity=-0.25", "loss.diversity", "-0.25", "a finite number >= 0"),
+    ("train.stages.pruning.prune_k=0", "train.stages.pruning.prune_k", "0", "an integer >= 1"),
+    ("train.seed=-1", "train.seed", "-1", "an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("override,key,value,expected", NUMERIC_CASES, ids=[c[1] for c in NUMERIC_CASES])
+def test_numeric_ranges_checked_at_load(override, key, value, expected, tmp_path):
+    """Every numeric field's range: one line naming the file, the key, the value and the range."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  method: protoseg\n" if "pruning" in key else "name: x\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert str(err.value) == f"{path}: {key}: {value} is out of range; expected {expected}"
+
+
+def test_bad_yaml_in_set_and_non_utf8_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set 'data.crop_size=\[1, 2': the value is not valid YAML"):
+        load_config(None, ["data.crop_size=[1, 2"])
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: byte 9 is not UTF-8 text"):
+        load_config(path)

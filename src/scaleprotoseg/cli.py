@@ -62,11 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, MemoryError) as err:
+        # errors a user can cause (bad values, files, out of memory): one line; --debug keeps the traceback
         if getattr(args, "debug", False):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one printable line (file names that are not UTF-8 get U+FFFD)."""
+    if isinstance(err, MemoryError):
+        text = (
+            f"out of memory ({err or 'MemoryError'}); expected smaller inputs (e.g. SCALEPROTOSEG_MAX_PIXELS, tiling)"
+        )
+    elif isinstance(err, OSError) and err.filename is not None and str(err.filename) not in str(err.args[-1]):
+        text = f"{err.filename}: {err.strerror or err}"  # e.g. PermissionError: the file first, then the reason
+    else:
+        text = str(err) or type(err).__name__
+    text = " ".join(text.split())
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 if __name__ == "__main__":

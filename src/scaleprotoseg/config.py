@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,10 @@ class DataConfig:
     num_workers: int = 2
     max_train_samples: int = 0  # 0: all
     max_val_samples: int = 0
+    # before training: every train/val file's header (opens, size, mode) and the label values of this many masks per
+    # split (spread over it; -1: all, 0: none) are checked (data.check.preflight); false skips the check
+    preflight: bool = True
+    preflight_labels: int = 32
     options: dict[str, Any] = field(default_factory=dict)  # dataset-specific options
 
 
@@ -349,7 +354,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_scalar(raw)
+        try:
+            node[parts[-1]] = _parse_scalar(raw)
+        except yaml.YAMLError as err:
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({problem}); expected e.g. 3, 0.1, [1, 2]"
+            ) from None
     return data
 
 
@@ -369,9 +380,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: byte {err.start} is not UTF-8 text ({err.reason}); expected a UTF-8 YAML file"
+        ) from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -459,6 +474,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     def fail(msg: str) -> None:
         raise ConfigError(f"{source}: {msg}")
 
+    for key, value, ok, expected in _numeric_ranges(cfg):
+        if not ok(value):
+            fail(f"{key}: {value!r} is out of range; expected {expected}")
     m, d = cfg.model, cfg.data
     if m.backbone == "unet" and m.output_stride != 1:
         fail(f"model.output_stride: {m.output_stride}; the U-Net keeps full resolution, expected 1")
@@ -511,3 +529,54 @@ def validate(cfg: Config, source: str = "config") -> None:
             fail(f"train.stages.{name}: a proto_finetune stage fine-tunes h_proto after a projection stage")
         if any(s.groups for _, s in order[:i]):
             fail(f"train.stages.{name}: a proto_finetune stage must come before the group stages")
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+_POSITIVE = (lambda v: _finite(v) and v > 0, "a finite number > 0")
+_NON_NEGATIVE = (lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+_POSITIVE_INT = (lambda v: v >= 1, "an integer >= 1")
+_COUNT = (lambda v: v >= 0, "an integer >= 0")
+_PROBABILITY = (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
+
+
+def _numeric_ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
+    """``(key, value, predicate, expected)`` for every numeric field of ``cfg``: the range each one must lie in."""
+    d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
+    rows: list[tuple[str, Any, Any, str]] = [
+        ("data.num_classes", d.num_classes, *_COUNT),
+        ("data.test_size", d.test_size, *_COUNT),
+        ("data.batch_size", d.batch_size, *_POSITIVE_INT),
+        ("data.val_batch_size", d.val_batch_size, *_POSITIVE_INT),
+        ("data.num_workers", d.num_workers, *_COUNT),
+        ("data.max_train_samples", d.max_train_samples, lambda v: v >= 0, "an integer >= 0 (0: all)"),
+        ("data.max_val_samples", d.max_val_samples, lambda v: v >= 0, "an integer >= 0 (0: all)"),
+        ("data.preflight_labels", d.preflight_labels, lambda v: v >= -1, "an integer >= -1 (-1: all, 0: none)"),
+        ("model.bn_momentum", m.bn_momentum, *_PROBABILITY),
+        ("model.aspp_init_std", m.aspp_init_std, *_NON_NEGATIVE),
+        ("model.activation_eps", m.activation_eps, *_POSITIVE),
+        ("train.seed", t.seed, *_COUNT),
+        ("train.log_every", t.log_every, *_COUNT),
+        ("train.val_every", t.val_every, *_COUNT),
+        ("train.checkpoint_every", t.checkpoint_every, *_COUNT),
+    ]
+    rows += [(f"data.crop_size[{i}]", v, *_POSITIVE_INT) for i, v in enumerate(d.crop_size)]
+    rows += [(f"data.scale_range[{i}]", v, *_POSITIVE) for i, v in enumerate(d.scale_range)]
+    rows += [(f"data.msc_scales[{i}]", v, *_POSITIVE) for i, v in enumerate(d.msc_scales)]
+    rows += [(f"model.aspp_rates[{i}]", v, *_POSITIVE_INT) for i, v in enumerate(m.aspp_rates)]
+    rows += [(f"loss.{name}", getattr(lo, name), *_NON_NEGATIVE) for name in LOSS_TERMS]
+    for name, st in t.stages.items():
+        k = f"train.stages.{name}"
+        rows += [
+            (f"{k}.steps", st.steps, *_COUNT),
+            (f"{k}.power", st.power, *_NON_NEGATIVE),
+            (f"{k}.accumulation", st.accumulation, *_POSITIVE_INT),
+            (f"{k}.weight_decay", st.weight_decay, *_NON_NEGATIVE),
+            (f"{k}.alpha", st.alpha, lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+            (f"{k}.prune_k", st.prune_k, *_POSITIVE_INT),
+            (f"{k}.prune_threshold", st.prune_threshold, *_COUNT),
+        ]
+        rows += [(f"{k}.lr.{g}", v, *_POSITIVE) for g, v in st.lr.items()]
+    return rows

@@ -53,3 +53,15 @@ def test_evaluate_writes_baselines(trained_runs, tmp_path: Path, capsys) -> None
     )
     assert not (out2 / "baselines.json").exists()
     assert "baselines" not in json.loads((out2 / "summary.json").read_text())
+
+
+def test_evaluate_refuses_a_dataset_with_other_classes() -> None:
+    import pytest
+
+    from scaleprotoseg.commands.evaluate import check_same_classes
+
+    check_same_classes(["bg", "a"], ["bg", "a"], "/d", "run")
+    with pytest.raises(ValueError, match=r"/d: .*class 1 is 'b', the run's model calls it 'a'.*expected .*bg, a"):
+        check_same_classes(["bg", "b"], ["bg", "a"], "/d", "run")
+    with pytest.raises(ValueError, match=r"3 classes, the run's model has 2"):
+        check_same_classes(["bg", "a", "b"], ["bg", "a"], "/d", "run")

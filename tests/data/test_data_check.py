@@ -68,7 +68,7 @@ def test_every_bad_file_is_named(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 1
     lines = out.strip().splitlines()
-    problems, summary = lines[:-1], lines[-1]
+    problems, summary = [ln for ln in lines[:-1] if not ln.startswith("  pixels in ")], lines[-1]
     assert "problem(s)" in summary
 
     def line_for(fragment):
@@ -119,3 +119,64 @@ def test_config_with_registered_dataset_reports_bad_samples(tmp_path, capsys):
     assert main(["data", "check", str(cfg), "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "train-labels.tif" in out and "differs from image stack" in out
+
+
+def _content_folder(root, masks, classes="[background, thing, other]"):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "splits").mkdir()
+    (root / "classes.yaml").write_text(f"classes: {classes}\nignore_index: 255\n")
+    for stem, lab in masks.items():
+        Image.fromarray(np.zeros((*lab.shape, 3), np.uint8)).save(root / "images" / f"{stem}.png")
+        Image.fromarray(lab.astype(np.uint8)).save(root / "masks" / f"{stem}.png")
+    (root / "splits" / "train.txt").write_text("a\nb\n")
+    (root / "splits" / "val.txt").write_text("c\n")
+    return root
+
+
+def test_class_counts_absent_classes_and_mostly_ignored_splits(tmp_path, capsys):
+    lab = np.zeros((10, 10), np.uint8)
+    lab[:5] = 1
+    lab[:, :2] = 2
+    val = np.full((10, 10), 255, np.uint8)
+    val[0] = 1
+    root = _content_folder(tmp_path, {"a": lab, "b": lab, "c": val})
+    assert main(["data", "check", str(root), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    val_txt = str(root / "splits" / "val.txt")
+    assert f"{val_txt}: split 'val': the ignore index 255 covers 90% of the pixels" in out
+    assert f"{val_txt}: split 'val': class(es) 'background' (0), 'other' (2) never occur" in out
+    assert "pixels in train: background 80 (40.0%), thing 80 (40.0%), other 40 (20.0%), ignore(255) 0" in out
+    assert "pixels in val: background 0 (0.0%), thing 10 (10.0%), other 0 (0.0%), ignore(255) 90 (90.0%)" in out
+    assert out.strip().splitlines()[-1].endswith(": 2 problem(s)")
+    assert main(["data", "check", str(root), "--no-progress", "--lenient"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: " in out and out.strip().endswith("OK, 2 warning(s)")
+
+
+def test_preflight_reads_headers_and_a_sample_of_labels(tmp_path, synthetic_folder):
+    from dataclasses import replace
+
+    from scaleprotoseg.config import load_config
+    from scaleprotoseg.data.check import PreflightError, preflight, require_preflight
+
+    cfg = load_config(None, [f"data.root={synthetic_folder}"]).data
+    assert preflight(cfg) == []
+    val = (synthetic_folder / "splits" / "val.txt").read_text().split()
+    bad_image = synthetic_folder / "images" / f"{val[-1]}.png"
+    data = bad_image.read_bytes()
+    bad_image.write_bytes(data[: len(data) // 2])
+    bad_mask = synthetic_folder / "masks" / f"{val[0]}.png"
+    Image.fromarray(np.full((40, 40), 9, np.uint8)).save(bad_mask)
+    problems = [str(p) for p in preflight(cfg)]
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{bad_image}: truncated PNG")
+    assert problems[1].startswith(f"{bad_mask}: label values 9 are outside the classes 0..2")
+    assert [str(p) for p in preflight(replace(cfg, preflight_labels=0))] == problems[:1]  # headers only
+    assert preflight(replace(cfg, preflight=False)) == []
+    try:
+        require_preflight(cfg, "run.yaml")
+    except PreflightError as err:
+        msg = str(err)
+    assert "\n" not in msg and msg.startswith(f"{bad_image}: truncated PNG") and "(and 1 more problem(s))" in msg
+    assert "scaleprotoseg data check run.yaml" in msg

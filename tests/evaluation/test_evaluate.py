@@ -98,6 +98,17 @@ def test_evaluate_rejects_bad_labels() -> None:
         evaluate(_model(), ds, num_classes=C, progress=False)  # device taken from the model
 
 
+def test_label_errors_name_the_files(synthetic_folder) -> None:
+    """A dataset of 3 classes scored as 2: the error names the sample's files, not only "label 2"."""
+    from scaleprotoseg.config import load_config
+    from scaleprotoseg.data.registry import build_dataset
+
+    ds = build_dataset(load_config(None, [f"data.root={synthetic_folder}"]).data, "val", train=False)
+    model = _model()
+    with pytest.raises(ValueError, match=r"images/img06.png / .*masks/img06.png: target contains label 2"):
+        evaluate(model, ds, num_classes=2, progress=False)
+
+
 def test_shard_indices() -> None:
     shards = [shard_indices(11, r, 3) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(11))

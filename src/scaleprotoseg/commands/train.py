@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         if not stage or not step.isdigit():
             raise ValueError(f"--stop-at {args.stop_at!r}: expected STAGE:STEP, e.g. joint:100")
         stop_at = (stage, int(step))
+    from scaleprotoseg.data.check import require_preflight
+
+    require_preflight(cfg.data, str(run.config if args.resume else args.config))  # headers, before the first step
     dist_utils.init_distributed(args.device or cfg.train.device)
     # The main process holds the run directory; the other ranks of a distributed run work under its lock.
     with run.lock() if dist_utils.current().is_main else nullcontext():

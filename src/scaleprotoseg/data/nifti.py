@@ -8,6 +8,7 @@ at 108; ``scl_slope`` / ``scl_inter`` at 112 / 116; magic ``n+1`` at 344) and re
 from __future__ import annotations
 
 import gzip
+import io
 import struct
 
 import numpy as np
@@ -18,10 +19,8 @@ DTYPES = {
 }  # fmt: skip
 
 
-def read_nifti(data: bytes, *, source: str = "NIfTI data", scale: bool = True) -> np.ndarray:
-    """Decode a (possibly gzip-compressed) NIfTI-1 file's bytes into an array of shape ``dim[1:dim[0] + 1]``."""
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+def _header(data: bytes, source: str) -> tuple[str, tuple[int, ...], np.dtype, int, float, float]:
+    """(byte order, shape, dtype, vox_offset, scl_slope, scl_inter) from the first 348 bytes."""
     if len(data) < 348:
         raise ValueError(f"{source}: {len(data)} bytes; expected at least the 348-byte NIfTI-1 header")
     if struct.unpack("<i", data[:4])[0] == 348:
@@ -43,10 +42,46 @@ def read_nifti(data: bytes, *, source: str = "NIfTI data", scale: bool = True) -
     if not 1 <= ndim <= 7:
         raise ValueError(f"{source}: dim[0] = {ndim}; expected 1..7 dimensions")
     shape = tuple(int(d) for d in dim[1 : ndim + 1])
+    if min(shape) < 0:
+        raise ValueError(f"{source}: dimensions {shape}; expected non-negative sizes")
     if datatype not in DTYPES:
         raise ValueError(f"{source}: datatype code {datatype} is not supported; expected one of {sorted(DTYPES)}")
-    dtype = np.dtype(DTYPES[datatype]).newbyteorder(end)
+    return end, shape, np.dtype(DTYPES[datatype]).newbyteorder(end), vox_offset, slope, inter
+
+
+def read_nifti(
+    data: bytes, *, source: str = "NIfTI data", scale: bool = True, max_voxels: int | None = None
+) -> np.ndarray:
+    """Decode a (possibly gzip-compressed) NIfTI-1 file's bytes into an array of shape ``dim[1:dim[0] + 1]``.
+
+    The header is read first (from the compressed stream) and a volume of more than ``max_voxels`` voxels (default:
+    :func:`scaleprotoseg.data.io.max_pixels`) is refused before anything is decompressed or allocated.
+    """
+    from scaleprotoseg.data.io import max_pixels
+
+    limit = max_pixels() if max_voxels is None else max_voxels
+    compressed = data[:2] == b"\x1f\x8b"
+    if compressed:
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+                head = stream.read(348)
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{source}: unreadable gzip data ({err})") from None
+    else:
+        head = data[:348]
+    _, shape, dtype, _, _, _ = _header(head, source)
     count = int(np.prod(shape))
+    if count > limit:
+        raise ValueError(
+            f"{source}: volume of shape {shape} = {count / 1e6:.0f} million voxels; expected at most "
+            f"{limit / 1e6:g} million (set SCALEPROTOSEG_MAX_PIXELS to read larger volumes)"
+        )
+    if compressed:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{source}: truncated or corrupt gzip data ({err})") from None
+    end, shape, dtype, vox_offset, slope, inter = _header(data, source)
     if vox_offset + count * dtype.itemsize > len(data):
         raise ValueError(
             f"{source}: {len(data) - vox_offset} data bytes; expected {count * dtype.itemsize} for "

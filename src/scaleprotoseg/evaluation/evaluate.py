@@ -92,7 +92,10 @@ def evaluate(
                         f"{tuple(image.shape[-2:])}; expected equal sizes"
                     )
                 logits = inference.logits(model, image)
-                cm.update(logits.argmax(dim=1), label)
+                try:
+                    cm.update(logits.argmax(dim=1), label)
+                except ValueError as err:  # name the samples: "target contains label 2" alone names no file
+                    raise ValueError(f"{_where(dataset, group)}: {err}") from None
                 count += len(group)
     finally:
         model.train(was_training)
@@ -111,3 +114,12 @@ def evaluate(
         mode=inference.mode,
     )
     return result
+
+
+def _where(dataset: Any, group: list[dict[str, Any]]) -> str:
+    """The files of a group of items (a SegmentationDataset knows them), else their sample names."""
+    from scaleprotoseg.data.base import SegmentationDataset
+
+    if isinstance(dataset, SegmentationDataset):
+        return ", ".join(" / ".join(str(f) for f in dataset.sample_files(int(it["index"]))) for it in group)
+    return "sample " + ", ".join(str(it.get("name", it.get("index", "?"))) for it in group)

@@ -49,7 +49,16 @@ def grid(fig: Any, nrows: int, ncols: int, *, title_lines: int = 1, colorbars: b
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = DPI) -> Path:
-    """Write ``fig`` to ``path`` (parents created) and release it."""
+    """Write ``fig`` to ``path`` (parents created) and release it. Texts are made drawable first: sample names from
+    file names that are not UTF-8 (surrogate escapes) would crash the font renderer, so they get U+FFFD."""
+    from matplotlib.text import Text
+
+    from scaleprotoseg.data.io import printable
+
+    for text in fig.findobj(Text):
+        raw = text.get_text()
+        if raw and printable(raw) != raw:
+            text.set_text(printable(raw))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, pil_kwargs={"compress_level": 2})

@@ -23,6 +23,7 @@ import numpy as np
 
 from scaleprotoseg.explain import figures as F
 from scaleprotoseg.explain.html import Raw, esc, figure, fmt, kv_table, page, render_json, table
+from scaleprotoseg.explain.resources import confine
 from scaleprotoseg.rundir import RunDir
 
 __all__ = ["build_report"]
@@ -30,16 +31,20 @@ __all__ = ["build_report"]
 _MAX_OPEN_CLASSES = 20  # more classes than this: each class's details start collapsed
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, root: Path) -> Any:
+    """The JSON in ``path`` (None when missing or invalid); it must resolve inside ``root`` (RunPathError)."""
+    if path.exists():
+        confine(path, root)
     try:
         return json.loads(path.read_text())
     except Exception:
         return None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, root: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
+    confine(path, root)
     out = []
     for line in path.read_text().splitlines():
         try:
@@ -51,8 +56,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _copy(src: Path, out: Path, rel: str) -> str:
-    """Copy ``src`` to ``out/rel`` and return ``rel`` (posix) for the HTML."""
+def _copy(src: Path, out: Path, rel: str, root: Path) -> str:
+    """Copy ``src`` (which must resolve inside the run directory ``root``) to ``out/rel``; ``rel`` (posix) for the
+    HTML."""
+    confine(src, root)
     dst = out / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dst)
@@ -95,8 +102,8 @@ def _summary(run: RunDir, predictor: Any, out: Path) -> str:
 
     cfg, info = predictor.cfg, predictor.info
     head = prototype_head(predictor.model)
-    state = _read_json(run.state_file) or {}
-    env = _read_json(run.env) or {}
+    state = _read_json(run.state_file, run.root) or {}
+    env = _read_json(run.env, run.root) or {}
     items: dict[str, Any] = {
         "run": run.root.resolve().name,
         "method": info.method,
@@ -118,7 +125,7 @@ def _summary(run: RunDir, predictor: Any, out: Path) -> str:
         items["command"] = env.get("command", "")
     body = [kv_table(items)]
 
-    records = _read_jsonl(run.metrics)
+    records = _read_jsonl(run.metrics, run.root)
     ends = {r["stage"]: r for r in records if r.get("event") == "stage_end" and "stage" in r}
     completed = set(state.get("completed", []))
     stages = [(n, s) for n, s in cfg.train.stages.items() if s.enabled]
@@ -248,14 +255,16 @@ def _evaluation(run: RunDir, predictor: Any, out: Path, evaluate_missing: bool, 
     found = sorted((p for p in run.eval.glob("*/metrics.json")), key=lambda p: p.stat().st_mtime)
     if found:
         src = found[-1].parent
-        metrics = _read_json(found[-1]) or {}
+        metrics = _read_json(found[-1], run.root) or {}
         intro = f'<p>Latest evaluation: <span class="mono">{esc(src.relative_to(run.root).as_posix())}</span>'
-        summ = _read_json(src / "summary.json") or {}
+        summ = _read_json(src / "summary.json", run.root) or {}
         if summ:
             intro += f" (stage {esc(summ.get('stage', '?'))}, split {esc(summ.get('split', '?'))})"
         intro += ".</p>"
         rel = f"assets/eval/{src.name}"
         csv_path = src / "per_class_iou.csv"
+        if csv_path.exists():
+            confine(csv_path, run.root)
     elif evaluate_missing and val is not None:
         from scaleprotoseg.evaluation.evaluate import evaluate
         from scaleprotoseg.evaluation.inference import InferenceSettings
@@ -276,7 +285,7 @@ def _evaluation(run: RunDir, predictor: Any, out: Path, evaluate_missing: bool, 
         write_results(res, names, src)
         plot_confusion_matrix(res["matrix"], names, src / "confusion_matrix.png")
         plot_per_class_iou(res["iou"], names, src / "per_class_iou.png")
-        metrics = _read_json(src / "metrics.json") or {}
+        metrics = _read_json(src / "metrics.json", out) or {}
         intro = (
             f'<p>No <span class="mono">eval/</span> results in the run: validation split '
             f"<b>{esc(d.val_split)}</b> evaluated by the report ({len(val)} images).</p>"
@@ -296,7 +305,7 @@ def _evaluation(run: RunDir, predictor: Any, out: Path, evaluate_missing: bool, 
         suffix = f.suffix.lower()
         if suffix not in (".png", ".csv", ".json") or not f.is_file():
             continue
-        r = f"{rel}/{f.name}" if inside else _copy(f, out, f"{rel}/{f.name}")
+        r = f"{rel}/{f.name}" if inside else _copy(f, out, f"{rel}/{f.name}", run.root)
         if suffix == ".png":
             figs.append(figure(r, f.stem.replace("_", " "), cls="medium"))
         else:
@@ -321,16 +330,18 @@ def _analysis(run: RunDir, out: Path) -> str:
     body = []
     shown: set[Path] = set()
     for j in jsons:
-        data = _read_json(j)
+        data = _read_json(j, run.root)
         body.append(f"<h3>{esc(j.stem.replace('_', ' '))}</h3>")
-        links = [_copy(j, out, f"assets/analysis/{j.name}")]
-        links += [_copy(c, out, f"assets/analysis/{c.name}") for c in sorted(adir.glob(f"{j.stem}*.csv"))]
+        links = [_copy(j, out, f"assets/analysis/{j.name}", run.root)]
+        links += [_copy(c, out, f"assets/analysis/{c.name}", run.root) for c in sorted(adir.glob(f"{j.stem}*.csv"))]
         body.append("<p>" + " · ".join(f'<a href="{esc(r)}">{esc(Path(r).name)}</a>' for r in links) + "</p>")
         body.append(render_json(data) if data is not None else f'<p class="note">{esc(j.name)} is not valid JSON</p>')
         mine = [p for p in pngs if p.stem == j.stem or p.stem.startswith(j.stem + "_") or p.parent.name == j.stem]
         if mine:
             figs = [
-                figure(_copy(p, out, f"assets/analysis/{p.relative_to(adir).as_posix()}"), p.stem, cls="medium")
+                figure(
+                    _copy(p, out, f"assets/analysis/{p.relative_to(adir).as_posix()}", run.root), p.stem, cls="medium"
+                )
                 for p in mine
             ]
             body.append(f'<div class="figs">{"".join(figs)}</div>')
@@ -339,7 +350,7 @@ def _analysis(run: RunDir, out: Path) -> str:
     if rest:
         body.append("<h3>Figures</h3>")
         figs = [
-            figure(_copy(p, out, f"assets/analysis/{p.relative_to(adir).as_posix()}"), p.stem, cls="medium")
+            figure(_copy(p, out, f"assets/analysis/{p.relative_to(adir).as_posix()}", run.root), p.stem, cls="medium")
             for p in rest
         ]
         body.append(f'<div class="figs">{"".join(figs)}</div>')
@@ -372,7 +383,7 @@ def _prototypes(run: RunDir, predictor: Any, out: Path) -> str:
     def patch_html(p: int) -> str:
         if p not in copied:
             src = gallery.path(p)
-            copied[p] = None if src is None else _copy(src, out, f"assets/prototypes/{src.name}")
+            copied[p] = None if src is None else _copy(src, out, f"assets/prototypes/{src.name}", run.root)
         rel = copied[p]
         if rel is None:
             return '<span class="note">no patch</span>'
@@ -550,5 +561,7 @@ def build_report(
         f"generated {time.strftime('%Y-%m-%d %H:%M')}"
     )
     index = out / "index.html"
-    index.write_text(page(title, subtitle, sections))
+    from scaleprotoseg.data.io import printable
+
+    index.write_text(printable(page(title, subtitle, sections)), encoding="utf-8")  # names from any file system
     return index
