@@ -41,8 +41,10 @@ class DataConfig:
     flip: bool = True
     normalization: Literal["imagenet", "tf"] = "imagenet"  # tf: (x - 127) / 128
     msc_scales: list[float] = field(default_factory=list)  # multi-scale inputs with max fusion, e.g. [0.5, 0.75, 1]
-    test_mode: Literal["whole", "sliding", "short_side"] = "whole"
-    test_size: int = 0  # short side for short_side; window for sliding (0: crop size)
+    # features: max over the scales' ASPP outputs (the release, training and test); logits: max over class scores
+    msc_fusion: Literal["features", "logits"] = "features"
+    test_mode: Literal["whole", "sliding", "short_side", "fixed"] = "whole"
+    test_size: int = 0  # short side for short_side; side of the square for fixed; window for sliding (0: crop size)
     batch_size: int = 2
     val_batch_size: int = 1
     num_workers: int = 2
@@ -81,7 +83,7 @@ class LossConfig:
     entropy: float = 0.05  # lambda_ent
     l1_group: float = 1e-3  # off-class L1 on h_group (lambda_L1 of Eq. 9)
     jeffreys: Literal["half", "full"] = "half"  # half: 0.5 (KL(p||q) + KL(q||p)), the release; full: Eq. 4 as written
-    msc_all_scales: bool = True  # with multi-scale inputs: CE on every scale's logits and on the fused ones
+    msc_all_scales: bool = True  # multi-scale inputs: CE and diversity averaged over every scale's and the fused output
     # features: labels downsampled to the feature grid (the paper); labels: logits up-sampled to the label size
     ce_resolution: Literal["features", "labels"] = "features"
 
@@ -423,6 +425,10 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail(f"data.scale_range: {d.scale_range} is not valid; expected [low, high] with 0 < low <= high")
     if d.batch_size <= 0:
         fail(f"data.batch_size: {d.batch_size} is not valid; expected a positive integer")
+    if d.test_mode in ("short_side", "fixed") and d.test_size <= 0:
+        fail(f"data.test_size: {d.test_size} with test_mode {d.test_mode!r}; expected the positive size to resize to")
+    if any(s <= 0 for s in d.msc_scales):
+        fail(f"data.msc_scales: {d.msc_scales} is not valid; expected positive scale factors")
     for name, st in cfg.train.stages.items():
         for g in st.trainable:
             if g not in TRAINABLE_GROUPS:

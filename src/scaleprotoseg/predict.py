@@ -70,6 +70,7 @@ class Predictor:
             crop_size=tuple(d.crop_size),
             test_size=d.test_size,
             msc_scales=tuple(d.msc_scales),
+            msc_fusion=d.msc_fusion,
         )
 
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:

@@ -371,6 +371,7 @@ class Analyzer:
             crop_size=tuple(d.crop_size),
             test_size=d.test_size,
             msc_scales=tuple(d.msc_scales),
+            msc_fusion=d.msc_fusion,
             max_samples=self.opts.max_images,
             progress=self.opts.progress,
         )

@@ -13,12 +13,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", default=None, help="evaluate this stage's checkpoint instead of final/")
     parser.add_argument(
         "--mode",
-        choices=["whole", "sliding", "short_side"],
+        choices=["whole", "sliding", "short_side", "fixed"],
         default=None,
         help="inference mode (default: the config's data.test_mode)",
     )
-    parser.add_argument("--test-size", type=int, default=None, help="short side / window size (default: config)")
+    parser.add_argument(
+        "--test-size", type=int, default=None, help="short side / square side / window size (default: config)"
+    )
     parser.add_argument("--msc", default=None, help="comma-separated input scales with max fusion, e.g. 0.5,0.75,1")
+    parser.add_argument(
+        "--msc-fusion",
+        choices=["features", "logits"],
+        default=None,
+        help="what multi-scale inputs max-fuse: ASPP features (the release) or logits (default: data.msc_fusion)",
+    )
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped prediction")
     parser.add_argument("--data-root", default=None, help="dataset root (default: the config's data.root)")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
@@ -67,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         crop_size=tuple(d.crop_size),
         test_size=d.test_size if args.test_size is None else args.test_size,
         msc_scales=msc,
+        msc_fusion=args.msc_fusion or d.msc_fusion,
         flip=args.flip,
         max_samples=args.max_images,
         progress=not args.no_progress,

@@ -25,7 +25,7 @@ from scaleprotoseg.engine import distributed as dist_utils
 from scaleprotoseg.engine.group_stats import group_change, group_snapshot
 from scaleprotoseg.engine.optim import build_optimizer, build_scheduler
 from scaleprotoseg.engine.sampler import KeyedDataset, StreamSampler
-from scaleprotoseg.losses import compute_losses
+from scaleprotoseg.losses import compute_losses, msc_loss_outputs
 from scaleprotoseg.models.segmenter import Segmenter, build_model, msc_forward, prototype_head
 from scaleprotoseg.prototypes.projection import ProjectionResult
 from scaleprotoseg.rundir import CheckpointDir, RunDir, atomic_write_json, discard_dir, recover_dir
@@ -307,17 +307,12 @@ class Trainer:
                 y = batch["label"].to(self.device, non_blocking=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
                     if cfg.data.msc_scales:
-                        outs, fused = msc_forward(net, x, cfg.data.msc_scales)
-                        main = next((o for o, s in zip(outs, cfg.data.msc_scales) if s == 1), outs[-1])
-                        output = main.map(lambda t: t.float())
-                        extra = [fused.float()] + (
-                            [o.logits.float() for o in outs if o is not main] if cfg.loss.msc_all_scales else []
-                        )
+                        outs, fused = msc_forward(net, x, cfg.data.msc_scales, cfg.data.msc_fusion)
+                        output, *extra = msc_loss_outputs(outs, fused, cfg.data.msc_scales, cfg.loss.msc_all_scales)
                     else:
-                        output = net(x).map(lambda t: t.float())
-                        extra = []
+                        output, extra = net(x), []
                 losses = compute_losses(
-                    output, y, head, cfg.loss, terms, ignore_index=self.ignore_index, extra_logits=extra
+                    output, y, head, cfg.loss, terms, ignore_index=self.ignore_index, extra_outputs=extra
                 )
                 total = losses["total"]
                 if not torch.isfinite(total):
@@ -466,6 +461,7 @@ class Trainer:
             crop_size=tuple(d.crop_size),
             test_size=d.test_size,
             msc_scales=tuple(d.msc_scales),
+            msc_fusion=d.msc_fusion,
             progress=False,
         )
         out = {"val_miou": float(res["miou"]), "val_pixel_accuracy": float(res["pixel_accuracy"])}

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from scaleprotoseg.evaluation.inference import Mode, predict_logits
 from scaleprotoseg.evaluation.miou import ConfusionMatrix
+from scaleprotoseg.models.segmenter import MscFusion
 
 __all__ = ["evaluate", "shard_indices"]
 
@@ -49,6 +50,7 @@ def evaluate(
     stride: int | Sequence[int] | None = None,
     test_size: int = 0,
     msc_scales: Sequence[float] = (),
+    msc_fusion: MscFusion = "features",
     flip: bool = False,
     tile_batch_size: int = 4,
     batch_size: int = 1,
@@ -105,6 +107,7 @@ def evaluate(
                     stride=stride,
                     test_size=test_size,
                     msc_scales=msc_scales,
+                    msc_fusion=msc_fusion,
                     flip=flip,
                     tile_batch_size=tile_batch_size,
                 )

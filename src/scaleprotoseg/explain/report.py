@@ -272,6 +272,7 @@ def _evaluation(run: RunDir, predictor: Any, out: Path, evaluate_missing: bool, 
             crop_size=tuple(d.crop_size),
             test_size=d.test_size,
             msc_scales=tuple(d.msc_scales),
+            msc_fusion=d.msc_fusion,
             progress=False,
         )
         src = out / "assets" / "eval" / "report"

@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 from scaleprotoseg.models.memo import memoised
-from scaleprotoseg.ops import ACTIVATION_EPS, log_activation, multiscale_squared_distances, scale_counts
+from scaleprotoseg.ops import (
+    ACTIVATION_EPS,
+    full_precision,
+    log_activation,
+    multiscale_squared_distances,
+    scale_counts,
+)
 
 
 def prototype_layout(num_classes: int, per_class: int, num_scales: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +58,12 @@ class PrototypeLayer(nn.Module):
         return memoised(self, "_memo_scale_counts", [scale], lambda: scale_counts(scale, self.num_scales))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = multiscale_squared_distances(
-            features, self.prototypes, self.prototype_scale, self.num_scales, self.scale_counts()
-        )
-        return d, log_activation(d, self.eps)
+        """Distances and activations in float32, also under autocast (:func:`~scaleprotoseg.ops.full_precision`)."""
+        with full_precision(features):
+            d = multiscale_squared_distances(
+                features.float(), self.prototypes.float(), self.prototype_scale, self.num_scales, self.scale_counts()
+            )
+            return d, log_activation(d, self.eps)
 
     @torch.no_grad()
     def keep(self, index: torch.Tensor) -> None:
