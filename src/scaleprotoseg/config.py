@@ -103,7 +103,11 @@ class StageConfig:
     schedule: Literal["constant", "poly"] = "constant"
     power: float = 0.9
     accumulation: int = 1  # gradient accumulation (effective batch = batch_size * accumulation)
-    weight_decay: float = 5e-4  # on conv/linear weights only
+    optimizer: Literal["adam", "sgd"] = "adam"  # adam: the prototype methods (supplement 6); sgd: DeepLabv2's recipe
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 5e-4  # on convolution kernels (backbone, ASPP), and their biases when bias_decay
+    bias_decay: bool = True  # decay convolution biases too (the release decays the ASPP biases; DeepLabv2: false)
+    bias_lr_factor: float = 1.0  # convolution biases learn at this multiple of their group's rate (DeepLabv2: 2)
     losses: list[str] = field(default_factory=list)  # loss terms; empty: the method's default for this stage
     alpha: float = 0.05  # threshold stage: group weights below alpha are zeroed
     prune_k: int = 6  # pruning stage: nearest patches inspected
@@ -200,6 +204,8 @@ def default_stages(method: str) -> dict[str, StageConfig]:
             ),
         }
     if method == "deeplabv2":
+        # DeepLabv2's own recipe (Chen et al. 2017; kazuto1011/deeplab-pytorch): SGD, momentum 0.9, poly 0.9, base
+        # rate 2.5e-4 with the classifier (ASPP) at 10x and its biases at 20x without weight decay, batch norm frozen.
         return {
             "train": S(
                 steps=30000,
@@ -208,6 +214,11 @@ def default_stages(method: str) -> dict[str, StageConfig]:
                 schedule="poly",
                 accumulation=5,
                 losses=["ce"],
+                optimizer="sgd",
+                momentum=0.9,
+                weight_decay=5e-4,
+                bias_decay=False,
+                bias_lr_factor=2.0,
             ),
         }
     raise ConfigError(f"model.method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -446,6 +457,10 @@ def validate(cfg: Config, source: str = "config") -> None:
             fail(f"train.stages.{name}.lr: no learning rate for trainable group(s) {', '.join(missing)}")
         if st.kind == "train" and st.enabled and st.steps <= 0:
             fail(f"train.stages.{name}.steps: {st.steps} is not valid; expected a positive number of steps")
+        if st.optimizer == "sgd" and not 0 <= st.momentum < 1:
+            fail(f"train.stages.{name}.momentum: {st.momentum}; expected 0 <= momentum < 1")
+        if st.bias_lr_factor <= 0:
+            fail(f"train.stages.{name}.bias_lr_factor: {st.bias_lr_factor}; expected a positive factor")
         if st.accumulation <= 0:
             fail(f"train.stages.{name}.accumulation: {st.accumulation}; expected a positive integer")
         if not 0 <= st.alpha < 1:
