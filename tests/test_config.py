@@ -40,6 +40,7 @@ def test_paper_hyperparameters_in_configs():
     assert (voc.test_mode, voc.test_size) == ("fixed", 513)  # every validation image at 513 x 513, as the release
     em = load_config(root / "isbi_em/scaleprotoseg.yaml")
     assert em.model.backbone == "unet" and not em.model.freeze_bn
+    assert (em.loss.entropy, em.loss.l1_group) == (0.05, 1e-4)  # the release's EM values (the text says 0.25)
     assert not em.train.stages["warmup"].enabled and em.train.stages["group_joint"].lr["groups"] == 5e-5
 
 
