@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from scaleprotoseg.config import LOSS_TERMS
 from scaleprotoseg.models.heads import ModelOutput, PrototypeHead
 from scaleprotoseg.models.layout import member_table
-from scaleprotoseg.ops import full_precision, resize_labels, upsample_logits
+from scaleprotoseg.ops import at_least_float32, full_precision, resize_labels, upsample_logits
 
 CE_RESOLUTIONS = ("features", "labels")
 
@@ -183,7 +183,7 @@ def compute_losses(
         if name not in LOSS_TERMS:
             raise ValueError(f"unknown loss term {name!r}; expected any of {', '.join(LOSS_TERMS)}")
     with full_precision(output.logits):
-        outputs = [o.map(lambda t: t.float()) for o in (output, *extra_outputs)]
+        outputs = [o.map(at_least_float32) for o in (output, *extra_outputs)]
         return _weighted_terms(outputs, labels, head, loss_cfg, terms, ignore_index)
 
 

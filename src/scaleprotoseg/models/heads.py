@@ -23,7 +23,7 @@ from scaleprotoseg.models.grouping import GroupingLayer
 from scaleprotoseg.models.layout import member_table, padded_layout
 from scaleprotoseg.models.memo import memoised
 from scaleprotoseg.models.prototypes import PrototypeLayer, prototype_layout
-from scaleprotoseg.ops import ACTIVATION_EPS, full_precision
+from scaleprotoseg.ops import ACTIVATION_EPS, at_least_float32, full_precision
 
 
 @dataclass
@@ -227,18 +227,18 @@ class PrototypeHead(nn.Module):
         """Everything after the ASPP from its (pre-sigmoid) output ``a``: the entry point of multi-scale inputs, which
         max-fuse the ASPP outputs of the scaled images (:func:`~scaleprotoseg.models.segmenter.msc_forward`)."""
         with full_precision(a):
-            return self.forward_features(torch.sigmoid(a.float()))
+            return self.forward_features(torch.sigmoid(at_least_float32(a)))
 
     def forward_features(self, features: torch.Tensor) -> ModelOutput:
         """Everything after the ASPP and sigmoid, every map kept (training, explanations); float32 under autocast."""
         with full_precision(features):
-            features = features.float()
+            features = at_least_float32(features)
             distances, activations = self.prototypes(features)
             if self.grouping is None:
-                logits = torch.einsum("cp,bphw->bchw", self.h_proto.float(), activations)
+                logits = torch.einsum("cp,bphw->bchw", self.h_proto, activations)
                 return ModelOutput(logits, features, distances, activations)
             groups = self.grouping(activations)
-            logits = torch.einsum("cg,bghw->bchw", self.h_group.float(), groups)
+            logits = torch.einsum("cg,bghw->bchw", self.h_group, groups)
             return ModelOutput(logits, features, distances, activations, groups)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,7 +254,7 @@ class PrototypeHead(nn.Module):
         if torch.is_grad_enabled():
             return self.forward_aspp(a).logits
         with full_precision(a):
-            return self.logits_from_features(torch.sigmoid(a.float()))
+            return self.logits_from_features(torch.sigmoid(at_least_float32(a)))
 
     def _fused_plan(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]:
         """The inference layout (:func:`.layout.padded_layout` of the prototypes some group uses, or of all of them
@@ -279,7 +279,7 @@ class PrototypeHead(nn.Module):
         """Class scores from the sigmoid ASPP features (B, S*D, h, w), block by block (Eqs. 1-2, no autograd), in
         float32 under autocast too."""
         with full_precision(features):
-            return self._blockwise_logits(features.float())
+            return self._blockwise_logits(at_least_float32(features))
 
     def _blockwise_logits(self, features: torch.Tensor) -> torch.Tensor:
         source, slot, m, index, weight = self._fused_plan()

@@ -8,6 +8,7 @@ from torch import nn
 from scaleprotoseg.models.memo import memoised
 from scaleprotoseg.ops import (
     ACTIVATION_EPS,
+    at_least_float32,
     full_precision,
     log_activation,
     multiscale_squared_distances,
@@ -61,7 +62,7 @@ class PrototypeLayer(nn.Module):
         """Distances and activations in float32, also under autocast (:func:`~scaleprotoseg.ops.full_precision`)."""
         with full_precision(features):
             d = multiscale_squared_distances(
-                features.float(), self.prototypes.float(), self.prototype_scale, self.num_scales, self.scale_counts()
+                at_least_float32(features), self.prototypes, self.prototype_scale, self.num_scales, self.scale_counts()
             )
             return d, log_activation(d, self.eps)
 
