@@ -43,7 +43,9 @@ def test_paper_hyperparameters_in_configs():
     assert ade.data.test_mode == "short_side" and ade.data.test_size == 512
     assert load_config(root / "ade20k/protoseg.yaml").model.prototypes_per_class == 12
     assert load_config(root / "pascal_voc/protoseg.yaml").train.stages["finetune"].steps == 6000
-    assert load_config(root / "pascal_voc/scaleprotoseg.yaml").data.msc_scales == [0.5, 0.75, 1.0]
+    voc = load_config(root / "pascal_voc/scaleprotoseg.yaml").data
+    assert voc.msc_scales == [0.5, 0.75, 1.0] and voc.msc_fusion == "features"
+    assert (voc.test_mode, voc.test_size) == ("fixed", 513)  # every validation image at 513 x 513, as the release
     # the release's h_proto fine-tuning after projection: on in every paper ScaleProtoSeg config, off elsewhere
     finetune = {"cityscapes": 2000, "pascal_voc": 6000, "ade20k": 4000, "coco_stuff": 4000, "isbi_em": 10000}
     for dataset, steps in finetune.items():
@@ -54,6 +56,7 @@ def test_paper_hyperparameters_in_configs():
         assert not load_config(path).train.stages["proto_finetune"].enabled, path
     em = load_config(root / "isbi_em/scaleprotoseg.yaml")
     assert em.model.backbone == "unet" and not em.model.freeze_bn
+    assert (em.loss.entropy, em.loss.l1_group) == (0.05, 1e-4)  # the release's EM values (the text says 0.25)
     assert not em.train.stages["warmup"].enabled and em.train.stages["group_joint"].lr["groups"] == 5e-5
 
 
@@ -75,6 +78,10 @@ def test_unknown_stage_and_bad_values():
         load_config(None, ["train.stages.warmup.trainable=[head]"])
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         load_config(None, ["nonsense"])
+    with pytest.raises(ConfigError, match="data.test_size: 0 with test_mode 'fixed'"):
+        load_config(None, ["data.test_mode=fixed"])
+    with pytest.raises(ConfigError, match="expected one of 'features', 'logits'"):
+        load_config(None, ["data.msc_fusion=mean"])
 
 
 def test_overrides_and_defaults():

@@ -32,7 +32,7 @@ ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Created at run time, not in the repository: run directories, datasets, weights, outputs.
 RUNTIME_PREFIXES = ("runs/", "data/", "weights/", "bench-results/", ".venv/", "explain/", "expl/", "out/")
-RUNTIME_NAMES = {"PROVENANCE.md"}  # written next to each sample set by `scaleprotoseg data samples`
+RUNTIME_NAMES = {"PROVENANCE.md", "tables.md"}  # written by `data samples` and `analyze aggregate`
 TOP_LEVEL = sorted(p.name for p in ROOT.iterdir() if not p.name.startswith(".") and p.name != "data")
 PACKAGE_MODULES = {p.stem for p in Path(scaleprotoseg.__file__).parent.iterdir() if not p.name.startswith("_")}
 

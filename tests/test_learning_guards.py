@@ -290,7 +290,11 @@ def scene_run():
             return torch.stack([im for im, _ in items]), torch.stack([lab for _, lab in items])
 
         stage = StageConfig(
-            steps=SCENE_STEPS, trainable=["backbone", "aspp"], lr={"backbone": 1e-4, "aspp": 3e-4}, losses=["ce"]
+            steps=SCENE_STEPS,
+            trainable=["backbone", "aspp"],
+            lr={"backbone": 1e-4, "aspp": 3e-4},
+            losses=["ce"],
+            bias_decay=False,  # the setting the thresholds were measured with
         )
         ces = _train(model, stage, batches, LossConfig(ce_resolution="labels"))
         model.eval()
@@ -428,7 +432,11 @@ def test_learns_on_nuclei_sample_set():
         return torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items])
 
     stage = StageConfig(
-        steps=NUCLEI_STEPS, trainable=["backbone", "aspp"], lr={"backbone": 1e-4, "aspp": 1e-3}, losses=["ce"]
+        steps=NUCLEI_STEPS,
+        trainable=["backbone", "aspp"],
+        lr={"backbone": 1e-4, "aspp": 1e-3},
+        losses=["ce"],
+        bias_decay=False,  # the setting the thresholds were measured with
     )
     ces = _train(model, stage, batches, LossConfig(ce_resolution="labels"))
     model.eval()

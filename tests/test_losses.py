@@ -133,3 +133,49 @@ def test_cross_entropy_on_grid_downsamples_labels_and_ignores_void():
     ref = torch.nn.functional.cross_entropy(logits, torch.tensor([[[0, 1], [2, 255]]]), ignore_index=255)
     assert torch.allclose(val, ref)
     assert losses.cross_entropy_on_grid(logits, torch.full((1, 4, 4), 255)).item() == 0.0
+
+
+def _proto_head():
+    from scaleprotoseg.models.heads import ScaleProtoSegHead
+
+    torch.manual_seed(0)
+    return ScaleProtoSegHead(4, 3, rates=(1, 2), dim=3, prototypes_per_class=2)
+
+
+def test_compute_losses_runs_in_float32_on_bfloat16_outputs():
+    from scaleprotoseg.config import LossConfig
+
+    head = _proto_head()
+    out = head(torch.randn(2, 4, 6, 6))
+    labels = torch.randint(0, 3, (2, 12, 12))
+    terms = ["ce", "diversity", "l1_proto"]
+    ref = losses.compute_losses(out.map(lambda t: t.bfloat16().float()), labels, head, LossConfig(), terms)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = losses.compute_losses(out.map(lambda t: t.bfloat16()), labels, head, LossConfig(), terms)
+    for k, v in ref.items():
+        assert amp[k].dtype == torch.float32, k
+        torch.testing.assert_close(amp[k], v, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_msc_losses_average_every_output_on_its_own_grid():
+    """The release averages CE and diversity over its four multi-scale outputs (scales 1, 0.5, 0.75 and the fused
+    one), each against the labels resized to its own grid."""
+    from scaleprotoseg.config import LossConfig
+    from scaleprotoseg.models.heads import ModelOutput
+
+    head = _proto_head()
+    big, small, fused = head(torch.randn(1, 4, 6, 6)), head(torch.randn(1, 4, 3, 3)), head(torch.randn(1, 4, 6, 6))
+    chosen = losses.msc_loss_outputs([small, big], fused, [0.5, 1.0])
+    assert chosen[0] is big and chosen[1] is fused and chosen[2] is small
+    assert losses.msc_loss_outputs([small, big], fused, [0.5, 1.0], all_scales=False) == [big, fused]
+    labels = torch.randint(0, 3, (1, 12, 12))
+    cfg, terms = LossConfig(), ["ce", "diversity"]
+    got = losses.compute_losses(big, labels, head, cfg, terms, extra_outputs=[fused, small])
+    each = [losses.compute_losses(o, labels, head, cfg, terms) for o in (big, fused, small)]
+    for k in terms:
+        torch.testing.assert_close(got[k], torch.stack([e[k] for e in each]).mean(), msg=k)
+    # an output with logits only (logit fusion) enters the CE but not the diversity
+    logits_only = ModelOutput(logits=fused.logits)
+    got = losses.compute_losses(big, labels, head, cfg, terms, extra_outputs=[logits_only])
+    torch.testing.assert_close(got["diversity"], each[0]["diversity"])
+    torch.testing.assert_close(got["ce"], (each[0]["ce"] + each[1]["ce"]) / 2)

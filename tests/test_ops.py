@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +116,15 @@ def test_resize_conventions():
     img = torch.rand(1, 3, 4, 4)
     assert ops.resize_image(img, (8, 8)).shape == (1, 3, 8, 8)
     assert ops.upsample_logits(img, (4, 4)) is img
+
+
+@pytest.mark.parametrize(
+    "src,dst", [((513, 513), (65, 65)), ((321, 321), (41, 41)), ((37, 53), (5, 7)), ((5, 7), (16, 9))]
+)
+def test_resize_labels_equals_pil_nearest(src, dst):
+    """Labels meet the feature grid as the release resizes them: PIL's NEAREST."""
+    from PIL import Image
+
+    labels = torch.randint(0, 255, src, generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    pil = np.asarray(Image.fromarray(labels.numpy()).resize((dst[1], dst[0]), Image.NEAREST))
+    assert np.array_equal(ops.resize_labels(labels.long(), dst).numpy(), pil)

@@ -42,8 +42,10 @@ class DataConfig:
     flip: bool = True
     normalization: Literal["imagenet", "tf"] = "imagenet"  # tf: (x - 127) / 128
     msc_scales: list[float] = field(default_factory=list)  # multi-scale inputs with max fusion, e.g. [0.5, 0.75, 1]
-    test_mode: Literal["whole", "sliding", "short_side"] = "whole"
-    test_size: int = 0  # short side for short_side; window for sliding (0: crop size)
+    # features: max over the scales' ASPP outputs (the release, training and test); logits: max over class scores
+    msc_fusion: Literal["features", "logits"] = "features"
+    test_mode: Literal["whole", "sliding", "short_side", "fixed"] = "whole"
+    test_size: int = 0  # short side for short_side; side of the square for fixed; window for sliding (0: crop size)
     batch_size: int = 2
     val_batch_size: int = 1
     num_workers: int = 2
@@ -86,7 +88,7 @@ class LossConfig:
     entropy: float = 0.05  # lambda_ent
     l1_group: float = 1e-3  # off-class L1 on h_group (lambda_L1 of Eq. 9)
     jeffreys: Literal["half", "full"] = "half"  # half: 0.5 (KL(p||q) + KL(q||p)), the release; full: Eq. 4 as written
-    msc_all_scales: bool = True  # with multi-scale inputs: CE on every scale's logits and on the fused ones
+    msc_all_scales: bool = True  # multi-scale inputs: CE and diversity averaged over every scale's and the fused output
     # features: labels downsampled to the feature grid (the paper); labels: logits up-sampled to the label size
     ce_resolution: Literal["features", "labels"] = "features"
 
@@ -113,7 +115,11 @@ class StageConfig:
     schedule: Literal["constant", "poly"] = "constant"
     power: float = 0.9
     accumulation: int = 1  # gradient accumulation (effective batch = batch_size * accumulation)
-    weight_decay: float = 5e-4  # on conv/linear weights only
+    optimizer: Literal["adam", "sgd"] = "adam"  # adam: the prototype methods (supplement 6); sgd: DeepLabv2's recipe
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 5e-4  # on convolution kernels (backbone, ASPP), and their biases when bias_decay
+    bias_decay: bool = True  # decay convolution biases too (the release decays the ASPP biases; DeepLabv2: false)
+    bias_lr_factor: float = 1.0  # convolution biases learn at this multiple of their group's rate (DeepLabv2: 2)
     losses: list[str] = field(default_factory=list)  # loss terms; empty: the method's default for this stage
     alpha: float = 0.05  # threshold stage: group weights below alpha are zeroed
     prune_k: int = 6  # pruning stage: nearest patches inspected
@@ -228,6 +234,8 @@ def default_stages(method: str) -> dict[str, StageConfig]:
             ),
         }
     if method == "deeplabv2":
+        # DeepLabv2's own recipe (Chen et al. 2017; kazuto1011/deeplab-pytorch): SGD, momentum 0.9, poly 0.9, base
+        # rate 2.5e-4 with the classifier (ASPP) at 10x and its biases at 20x without weight decay, batch norm frozen.
         return {
             "train": S(
                 steps=30000,
@@ -236,6 +244,11 @@ def default_stages(method: str) -> dict[str, StageConfig]:
                 schedule="poly",
                 accumulation=5,
                 losses=["ce"],
+                optimizer="sgd",
+                momentum=0.9,
+                weight_decay=5e-4,
+                bias_decay=False,
+                bias_lr_factor=2.0,
             ),
         }
     raise ConfigError(f"model.method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -492,6 +505,10 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail(f"data.scale_range: {d.scale_range} is not valid; expected [low, high] with 0 < low <= high")
     if d.batch_size <= 0:
         fail(f"data.batch_size: {d.batch_size} is not valid; expected a positive integer")
+    if d.test_mode in ("short_side", "fixed") and d.test_size <= 0:
+        fail(f"data.test_size: {d.test_size} with test_mode {d.test_mode!r}; expected the positive size to resize to")
+    if any(s <= 0 for s in d.msc_scales):
+        fail(f"data.msc_scales: {d.msc_scales} is not valid; expected positive scale factors")
     for name, st in cfg.train.stages.items():
         for g in st.trainable:
             if g not in TRAINABLE_GROUPS:
@@ -517,6 +534,10 @@ def validate(cfg: Config, source: str = "config") -> None:
             fail(f"train.stages.{name}.groups: false, but the stage uses {', '.join(needs_groups)}; expected true")
         if st.enabled and st.groups and (m.method != "scaleprotoseg" or st.kind != "train"):
             fail(f"train.stages.{name}.groups: true needs a train stage of a scaleprotoseg model")
+        if st.optimizer == "sgd" and not 0 <= st.momentum < 1:
+            fail(f"train.stages.{name}.momentum: {st.momentum}; expected 0 <= momentum < 1")
+        if st.bias_lr_factor <= 0:
+            fail(f"train.stages.{name}.bias_lr_factor: {st.bias_lr_factor}; expected a positive factor")
         if st.accumulation <= 0:
             fail(f"train.stages.{name}.accumulation: {st.accumulation}; expected a positive integer")
         if not 0 <= st.alpha < 1:

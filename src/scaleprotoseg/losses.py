@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from scaleprotoseg.config import LOSS_TERMS
-from scaleprotoseg.models.heads import PrototypeHead
+from scaleprotoseg.models.heads import ModelOutput, PrototypeHead
 from scaleprotoseg.models.layout import member_table
-from scaleprotoseg.ops import resize_labels, upsample_logits
+from scaleprotoseg.ops import at_least_float32, full_precision, resize_labels, upsample_logits
 
 CE_RESOLUTIONS = ("features", "labels")
 
@@ -151,46 +151,71 @@ def off_class_l1(weight: torch.Tensor, column_class: torch.Tensor) -> torch.Tens
     return (weight.abs() * off).sum()
 
 
+def msc_loss_outputs(
+    outputs: Sequence[ModelOutput], fused: ModelOutput, scales: Sequence[float], all_scales: bool = True
+) -> list[ModelOutput]:
+    """The outputs of multi-scale inputs that enter the loss, the largest scale's first: every scale's and the fused
+    one (the release's four outputs for {0.5, 0.75, 1}), or with ``all_scales=False`` the largest scale's and the
+    fused one."""
+    largest = max(range(len(scales)), key=lambda i: scales[i])
+    others = [o for i, o in enumerate(outputs) if i != largest] if all_scales else []
+    return [outputs[largest], fused, *others]
+
+
 def compute_losses(
-    output: Any,
+    output: ModelOutput,
     labels: torch.Tensor,
     head: Any,
     loss_cfg: Any,
     terms: Sequence[str],
     *,
     ignore_index: int = 255,
-    extra_logits: Sequence[torch.Tensor] = (),
+    extra_outputs: Sequence[ModelOutput] = (),
 ) -> dict[str, torch.Tensor]:
     """The weighted objective of a stage (Eq. 7 in stage 1, Eq. 9 in stage 2) with each named term.
 
-    ``terms`` picks from :data:`LOSS_TERMS`; ``extra_logits`` (multi-scale inputs) add their CE to the ``ce`` term,
-    averaged. Returns a dict with every unweighted term and ``total``.
+    ``terms`` picks from :data:`LOSS_TERMS`. ``extra_outputs`` (multi-scale inputs, :func:`msc_loss_outputs`) are
+    averaged with ``output`` in the ``ce`` and ``diversity`` terms, each against the labels on its own grid (the
+    release averages every term over its four outputs; the L1 terms do not depend on the output). Everything is
+    computed in float32, also when called under autocast. Returns a dict with every unweighted term and ``total``.
     """
-    out: dict[str, torch.Tensor] = {}
-    total = output.logits.new_zeros(())
     for name in terms:
         if name not in LOSS_TERMS:
             raise ValueError(f"unknown loss term {name!r}; expected any of {', '.join(LOSS_TERMS)}")
+    with full_precision(output.logits):
+        outputs = [o.map(at_least_float32) for o in (output, *extra_outputs)]
+        return _weighted_terms(outputs, labels, head, loss_cfg, terms, ignore_index)
+
+
+def _weighted_terms(
+    outputs: list[ModelOutput], labels: torch.Tensor, head: Any, loss_cfg: Any, terms: Sequence[str], ignore_index: int
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    total = outputs[0].logits.new_zeros(())
     if "ce" in terms:
         res = loss_cfg.ce_resolution
-        ces = [cross_entropy(output.logits, labels, ignore_index, res)]
-        ces += [cross_entropy(lg, labels, ignore_index, res) for lg in extra_logits]
-        out["ce"] = torch.stack(ces).mean()
+        out["ce"] = torch.stack([cross_entropy(o.logits, labels, ignore_index, res) for o in outputs]).mean()
         total = total + loss_cfg.ce * out["ce"]
     proto = head if isinstance(head, PrototypeHead) else None
-    if "diversity" in terms and proto is not None and output.distances is not None:
-        small = resize_labels(labels, tuple(output.distances.shape[-2:]))
-        out["diversity"] = diversity_loss(
-            output.distances,
-            small,
-            proto.prototype_class,
-            proto.prototype_scale,
-            proto.num_classes,
-            proto.num_scales,
-            jeffreys=loss_cfg.jeffreys,
-            ignore_index=ignore_index,
-            table=proto.member_table(),
-        )
+    with_maps = [o.distances for o in outputs if o.distances is not None]
+    if "diversity" in terms and proto is not None and with_maps:
+        table = proto.member_table()
+        out["diversity"] = torch.stack(
+            [
+                diversity_loss(
+                    d,
+                    resize_labels(labels, tuple(d.shape[-2:])),
+                    proto.prototype_class,
+                    proto.prototype_scale,
+                    proto.num_classes,
+                    proto.num_scales,
+                    jeffreys=loss_cfg.jeffreys,
+                    ignore_index=ignore_index,
+                    table=table,
+                )
+                for d in with_maps
+            ]
+        ).mean()
         total = total + loss_cfg.diversity * out["diversity"]
     if "l1_proto" in terms and proto is not None:
         out["l1_proto"] = off_class_l1(proto.h_proto, proto.prototype_class)

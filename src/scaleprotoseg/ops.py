@@ -9,6 +9,22 @@ import torch.nn.functional as F
 ACTIVATION_EPS = 1e-4
 
 
+def full_precision(tensor: torch.Tensor) -> torch.autocast:
+    """A context with autocast off on ``tensor``'s device: what Eq. 1 needs under mixed precision.
+
+    In bfloat16 the expansion ``||z||^2 - 2 z.p + ||p||^2`` loses the small distances that Eq. 1 depends on (at an
+    exact match the activation falls from log(1/eps) = 9.2 to about 2.2 on a GPU), so the prototype layer, the groups
+    and the losses run in float32 inside this context, with 16-bit inputs cast (:func:`at_least_float32`); the
+    backbone and the ASPP may stay in bfloat16.
+    """
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 when it is in a 16-bit float type (autocast's outputs), unchanged otherwise (float64)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between every feature vector and every prototype.
 

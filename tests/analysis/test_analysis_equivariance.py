@@ -65,3 +65,14 @@ def test_missing_ratio_is_reported():
     acc = EquivarianceAccumulator([0, 0], [0, 1], (1, 2))
     with pytest.raises(ValueError, match="no activations for downsampling ratio 2"):
         acc.update({1: np.zeros((2, 4, 4))}, np.zeros((8, 8), dtype=np.int64))
+
+
+def test_labels_meet_the_map_grid_centre_aligned():
+    """The label is sampled under each cell's centre (``ops.resize_labels``, PIL NEAREST): 16 pixels to 2 cells read
+    pixels 4 and 12. The class sits only there, so a top-left sampling (pixels 0 and 8) would find no position."""
+    rng = np.random.default_rng(0)
+    label = np.full((16, 16), 255, dtype=np.int64)
+    label[4::8, 4::8] = 0
+    acc = EquivarianceAccumulator([0, 0], [0, 1], (1.0, 2.0), quantiles=(0.5,))
+    acc.update({1.0: rng.random((2, 2, 2)), 2.0: rng.random((2, 1, 1))}, label)
+    assert acc.union[(0, 0, 1)].sum() > 0

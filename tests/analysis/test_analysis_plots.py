@@ -32,3 +32,20 @@ def test_every_plot_writes_a_titled_figure(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["car", "person"]
     for name in ("fig3.png", "fig3b.png", "fig7.png", "fig7b.png", "cs.png", "ov.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_equivariant_pairs_figure_has_a_row_per_pair(tmp_path):
+    from scaleprotoseg.analysis.plots import plot_equivariant_pairs
+
+    rng = np.random.default_rng(0)
+    side = {"image": rng.integers(0, 255, (16, 20, 3), dtype=np.uint8), "activation": rng.random((2, 3))}
+    panels = [
+        {"left": {**side, "label": "prototype 0"}, "right": {**side, "label": "prototype 5"}, "caption": "car"}
+        for _ in range(3)
+    ]
+    fig = plot_equivariant_pairs(panels, path=tmp_path / "fig8.png")
+    assert len(fig.axes) == 6 and [ax.get_title() for ax in fig.axes[:2]] == ["prototype 0", "prototype 5"]
+    # the activation is laid over the whole image, one cell per block of pixels
+    assert fig.axes[0].images[1].get_extent() == [0, 20, 16, 0]
+    assert (tmp_path / "fig8.png").is_file()
+    assert len(plot_equivariant_pairs([]).axes) == 1  # no pair: a figure that says so

@@ -131,6 +131,7 @@ def test_analyze_all_scaleprotoseg(tiny_runs, capsys):
     for res in eq["results"].values():
         assert all(0 <= res[k] <= 1 for k in ("ratio_groups", "ratio_prototypes", "ratio_classes"))
     assert len(eq["candidate_pairs"]) == res["num_candidate_pairs"] > 0
+    assert (out / "equivariance-pairs.png").is_file()  # Figures 8-10
 
 
 def test_analyze_all_protoseg(tiny_runs, capsys):

@@ -108,6 +108,23 @@ def test_deeplabv2_single_stage(synthetic_folder, tmp_path, tiny_config):
     assert (run / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("fusion", ["features", "logits"])
+def test_multiscale_inputs_train_and_validate(synthetic_folder, tmp_path, tiny_config, fusion):
+    """Multi-scale inputs (Pascal VOC, COCO-Stuff) through the trainer: the warm-up trains on the averaged losses of
+    every scale's and the fused output, validation fuses the same way."""
+    extra = {
+        "data.msc_scales": "[0.5, 1.0]",
+        "data.msc_fusion": fusion,
+        **{f"train.stages.{s}.enabled": "false" for s in ("joint", "projection", "group_warmup", "group_joint")},
+        "train.stages.threshold.enabled": "false",
+    }
+    cfg = tiny_config(synthetic_folder, "scaleprotoseg", **extra)
+    results = Trainer(cfg, tmp_path / "run", device="cpu", progress=False).run_stages()
+    assert [r.name for r in results] == ["warmup"]
+    loss = results[0].metrics["loss"]
+    assert loss["ce"] > 0 and loss["diversity"] > 0 and 0 <= results[0].metrics["val_miou"] <= 1
+
+
 def test_resume_mid_stage_gives_identical_weights(synthetic_folder, tmp_path, tiny_config):
     extra = {"train.stages.joint.steps": 4, "train.stages.group_joint.steps": 3}
     full = tmp_path / "full"

@@ -109,7 +109,7 @@ def test_short_side_returns_original_size() -> None:
 def test_msc_max_fusion() -> None:
     model = _model(StrideModel)
     x = torch.randn(2, 3, 33, 41)
-    out = predict_logits(model, x, mode="whole", msc_scales=(0.5, 0.75, 1.0))
+    out = predict_logits(model, x, mode="whole", msc_scales=(0.5, 0.75, 1.0), msc_fusion="logits")
     parts = []
     for s in (0.5, 0.75, 1.0):
         xs = _up(x, (int(33 * s + 0.5), int(41 * s + 0.5))) if s != 1.0 else x  # 16.5 -> 17
@@ -120,9 +120,9 @@ def test_msc_max_fusion() -> None:
 def test_flip_average() -> None:
     model = _model(StrideModel)
     x = torch.randn(1, 3, 27, 35)
-    out = predict_logits(model, x, flip=True, msc_scales=(0.5, 1.0))
-    plain = predict_logits(model, x, msc_scales=(0.5, 1.0))
-    flipped = predict_logits(model, x.flip(-1), msc_scales=(0.5, 1.0)).flip(-1)
+    out = predict_logits(model, x, flip=True, msc_scales=(0.5, 1.0), msc_fusion="logits")
+    plain = predict_logits(model, x, msc_scales=(0.5, 1.0), msc_fusion="logits")
+    flipped = predict_logits(model, x.flip(-1), msc_scales=(0.5, 1.0), msc_fusion="logits").flip(-1)
     torch.testing.assert_close(out, 0.5 * (plain + flipped))
 
 
@@ -150,14 +150,56 @@ def test_no_grad_and_invalid_arguments() -> None:
 
 def test_inference_settings_from_config_and_changes() -> None:
     """One record of the test protocol, built from the data config; command-line changes applied on top."""
-    data = load_config(None, ["data.test_mode=sliding", "data.crop_size=[12, 20]", "data.msc_scales=[0.5, 1]"]).data
+    sets = ["data.test_mode=sliding", "data.crop_size=[12, 20]", "data.msc_scales=[0.5, 1]", "data.msc_fusion=logits"]
+    data = load_config(None, sets).data
     settings = InferenceSettings.from_config(data)
-    assert settings == InferenceSettings("sliding", (12, 20), None, 0, (0.5, 1.0), False, 4)
+    assert settings == InferenceSettings("sliding", (12, 20), None, 0, (0.5, 1.0), "logits", False, 4)
     assert InferenceSettings.from_config(data, flip=True, test_size=8).flip
     with pytest.raises(TypeError):
         InferenceSettings.from_config(data, msc=(1.0,))
     model = _model(StrideModel)
     image = torch.randn(1, 3, 24, 30)
-    expected = predict_logits(model, image, mode="sliding", crop_size=(12, 20), msc_scales=(0.5, 1.0))
+    expected = predict_logits(
+        model, image, mode="sliding", crop_size=(12, 20), msc_scales=(0.5, 1.0), msc_fusion="logits"
+    )
     assert torch.equal(settings.logits(model, image), expected)
     assert not torch.equal(InferenceSettings().logits(model, image), expected)
+
+
+def test_fixed_mode_resizes_to_a_square_and_back() -> None:
+    """The release's Pascal VOC protocol: the image resized to S x S whatever its shape, the logits upsampled to the
+    label's (the image's own) size."""
+    model = _model(StrideModel)
+    x = torch.randn(1, 3, 30, 50)
+    out = predict_logits(model, x, mode="fixed", test_size=24)
+    assert out.shape == (1, C, 30, 50)
+    torch.testing.assert_close(out, _up(model(_up(x, (24, 24))).logits, (30, 50)))
+    with pytest.raises(ValueError, match="side of the square"):
+        predict_logits(model, x, mode="fixed")
+
+
+def test_msc_feature_fusion_runs_the_head_once_on_fused_aspp_outputs() -> None:
+    from scaleprotoseg.config import ModelConfig
+    from scaleprotoseg.models.segmenter import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        method="scaleprotoseg",
+        backbone="unet",
+        output_stride=1,
+        freeze_bn=False,
+        backbone_options={"base_channels": 4},
+        aspp_rates=[1, 2],
+        aspp_channels=4,
+        prototypes_per_class=2,
+    )
+    model = build_model(cfg, num_classes=C).eval()
+    x = torch.randn(1, 3, 16, 20)
+    out = predict_logits(model, x, msc_scales=(0.5, 1.0))
+    with torch.no_grad():
+        torch.testing.assert_close(out, _up(model.msc_logits(x, (0.5, 1.0)), (16, 20)))
+        fixed = predict_logits(model, x, mode="fixed", test_size=12, msc_scales=(0.5, 1.0))
+        torch.testing.assert_close(fixed, _up(model.msc_logits(_up(x, (12, 12)), (0.5, 1.0)), (16, 20)))
+    assert not torch.allclose(out, predict_logits(model, x, msc_scales=(0.5, 1.0), msc_fusion="logits"))
+    with pytest.raises(ValueError, match="expected a Segmenter"):
+        predict_logits(_model(StrideModel), x, msc_scales=(0.5, 1.0))

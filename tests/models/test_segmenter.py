@@ -64,3 +64,43 @@ def test_shapes_and_stage_gradients(method, backbone):
         if backbone != "unet":  # frozen batch norm never trains
             bn = [p for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()]
             assert bn and all(not p.requires_grad for p in bn)
+
+
+def _tiny_segmenter(method: str = "scaleprotoseg"):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        method=method,
+        backbone="unet",
+        output_stride=1,
+        freeze_bn=False,
+        backbone_options={"base_channels": 4},
+        aspp_rates=[1, 2],
+        aspp_channels=4,
+        prototypes_per_class=2,
+    )
+    return build_model(cfg, num_classes=3).eval()
+
+
+def test_msc_features_fusion_max_fuses_the_aspp_outputs():
+    """The release's multi-scale inputs: the ASPP outputs (before the sigmoid) of the scaled images are resized
+    bilinearly to the largest grid and max-fused; the head then runs on the fused features."""
+    import torch.nn.functional as F
+
+    from scaleprotoseg.models.segmenter import msc_forward
+
+    model = _tiny_segmenter()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        outs, fused = msc_forward(model, x, [0.5, 1.0])
+        small = model.head.aspp(model.backbone(F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)))
+        big = model.head.aspp(model.backbone(x))
+        up = F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False)
+        want = model.head.forward_aspp(torch.maximum(up, big))
+        torch.testing.assert_close(outs[0].logits, model.head.forward_aspp(small).logits)
+        torch.testing.assert_close(fused.logits, want.logits)
+        torch.testing.assert_close(fused.distances, want.distances)
+        torch.testing.assert_close(model.msc_logits(x, [0.5, 1.0]), want.logits, rtol=1e-5, atol=1e-5)
+        _, by_logits = msc_forward(model, x, [0.5, 1.0], fusion="logits")
+    assert not torch.allclose(by_logits.logits, fused.logits)  # the two fusions are different models
+    with pytest.raises(ValueError, match="fusion"):
+        msc_forward(model, x, [0.5, 1.0], fusion="mean")  # type: ignore[arg-type]

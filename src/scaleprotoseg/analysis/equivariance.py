@@ -7,8 +7,9 @@ For every pair of scales s < s' and every pair of class-c prototypes (p_{s,i}, p
 - ``A_{s,i}`` is taken from the input downsampled by ``r_{1->s'}`` and ``A_{s',j}`` from the input downsampled by
   ``r_{1->s}``, so both see the same image content through their receptive fields; ``A_{s,i}`` is
   nearest-upsampled to ``A_{s',j}``'s size (``ops.resize_activations`` convention);
-- the full-size label is nearest-resized to that size; only positions with ``label == c`` are used: each map is
-  binarised at the quantile p_th (0.6, 0.7) of its values there (on = strictly above);
+- the full-size label is resized to that size (``ops.resize_labels``, centre-aligned); only positions with
+  ``label == c`` are used: each map is binarised at the quantile p_th (0.6, 0.7) of its values there (on =
+  strictly above);
 - intersection and union of the two binarised sets are summed over the images where c is present (at that
   size); pair IoU = sum I / sum U (``reduction="mean"`` in :meth:`compute` averages per-image IoUs instead).
 
@@ -30,6 +31,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from scaleprotoseg.analysis.components import as_numpy, nearest_indices
+from scaleprotoseg.ops import resize_labels
 
 
 def atrous_scale_ratios(rates: Sequence[float]) -> tuple[float, ...]:
@@ -117,7 +119,7 @@ class EquivarianceAccumulator:
         present = set(np.unique(lab).tolist()) - {self.ignore_index}
         blocks = [k for k in self.blocks if k[0] in present]
         maps: dict[int, np.ndarray] = {}
-        labels: dict[int, np.ndarray] = {}  # label nearest-resized to the size of the maps of scale s
+        labels: dict[int, np.ndarray] = {}  # label on the grid of the maps of scale s (centre-aligned)
         for c, s, s2 in blocks:
             I, J = self.blocks[(c, s, s2)]
             for scale in (s, s2):
@@ -127,7 +129,7 @@ class EquivarianceAccumulator:
             big = maps[s]  # input downsampled by r_{1->s}: read the scale-s' prototypes there
             h, w = big.shape[1:]
             if s not in labels:
-                labels[s] = lab[nearest_indices(lab.shape[0], h)[:, None], nearest_indices(lab.shape[1], w)[None, :]]
+                labels[s] = resize_labels(torch.as_tensor(lab), (h, w)).numpy()
             rr, cc = np.nonzero(labels[s] == c)
             if len(rr) == 0:
                 continue

@@ -1,5 +1,6 @@
 """Figures of the interpretability analyses: connected components per scale (Figure 3), quasi-equivariance
-ratios (Figure 7), consistency/stability per percentile (Tables 3-4) and group overlap per class (Table 9).
+ratios (Figure 7) and the activation maps of quasi-equivariant pairs (Figures 8-10), consistency/stability per
+percentile (Tables 3-4) and group overlap per class (Table 9).
 
 Every function takes the ``compute()`` output of the matching accumulator (or ``{run or dataset name: output}``
 to compare several), returns a matplotlib ``Figure`` drawn on the Agg canvas (no pyplot, no global backend
@@ -145,5 +146,42 @@ def plot_group_overlap(
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title or "Overlap of group activations (95th percentile)")
+    _save(fig, path)
+    return fig
+
+
+def plot_equivariant_pairs(
+    panels: Sequence[Mapping[str, Any]], path: str | Path | None = None, title: str | None = None
+) -> Any:
+    """Figures 8-10: activation maps of quasi-equivariant prototype pairs, one pair per row.
+
+    Each panel has ``left`` and ``right``, each a mapping with ``image`` (uint8 (H, W, 3), the input at the
+    downsampling that pairs the two scales), ``activation`` (h, w) and ``label`` (a caption), plus a row ``caption``.
+    The activation is drawn over its image (nearest cells, semi-transparent).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = max(len(panels), 1)
+    fig = Figure(figsize=(7.0, 3.2 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    if not panels:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no quasi-equivariant pair", ha="center", va="center")
+        ax.axis("off")
+    for i, panel in enumerate(panels):
+        for j, side in enumerate(("left", "right")):
+            part = panel[side]
+            ax = fig.add_subplot(rows, 2, 2 * i + j + 1)
+            image = np.asarray(part["image"])
+            H, W = image.shape[:2]
+            ax.imshow(image)
+            ax.imshow(
+                np.asarray(part["activation"]), extent=(0, W, H, 0), alpha=0.55, cmap="jet", interpolation="nearest"
+            )
+            ax.set_title(str(part["label"]), fontsize="small")
+            ax.axis("off")
+        fig.axes[-2].text(0, -0.06, str(panel.get("caption", "")), transform=fig.axes[-2].transAxes, fontsize="small")
+    fig.suptitle(title or "Quasi-equivariant prototype pairs on downsampled inputs")
     _save(fig, path)
     return fig

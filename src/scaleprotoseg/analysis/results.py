@@ -17,7 +17,8 @@ import torch
 
 @dataclass
 class MetricResult:
-    """One analysis: ``summary`` is written as JSON, ``columns``/``rows`` as CSV and printed, ``figure`` as PNG."""
+    """One analysis: ``summary`` is written as JSON, ``columns``/``rows`` as CSV and printed, ``figure`` as PNG and
+    each of ``extra_figures`` as ``<metric>-<name>.png``."""
 
     metric: str
     title: str
@@ -26,6 +27,7 @@ class MetricResult:
     rows: list[list[Any]]
     figure: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    extra_figures: dict[str, Any] = field(default_factory=dict)
 
 
 def jsonable(obj: Any) -> Any:
@@ -98,7 +100,8 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_result(result: MetricResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``<metric>.json``, ``<metric>.csv`` and (when there is a figure) ``<metric>.png`` into ``out_dir``."""
+    """Write ``<metric>.json``, ``<metric>.csv`` and (when there are figures) ``<metric>.png`` and
+    ``<metric>-<name>.png`` into ``out_dir``."""
     from scaleprotoseg.rundir import atomic_write_text
 
     out = Path(out_dir)
@@ -113,4 +116,7 @@ def write_result(result: MetricResult, out_dir: str | Path) -> dict[str, Path]:
     if result.figure is not None:
         paths["png"] = out / f"{result.metric}.png"
         result.figure.savefig(paths["png"], dpi=120)
+    for name, figure in result.extra_figures.items():
+        paths[f"png-{name}"] = out / f"{result.metric}-{name}.png"
+        figure.savefig(paths[f"png-{name}"], dpi=120)
     return paths

@@ -35,6 +35,7 @@ METRICS = ("sparsity", "prototypes", "consistency", "stability", "components", "
 CONSISTENCY_PERCENTILES = (70.0, 80.0, 90.0)
 COMPONENT_QUANTILES = (0.8, 0.9, 0.99)
 EQUIVARIANCE_QUANTILES = (0.6, 0.7)
+EQUIVARIANT_PAIRS_SHOWN = 4  # pairs drawn in equivariance-pairs.png (Figures 8-10), the highest IoU first
 GROUP_ALPHAS = (0.0, 0.05, 0.1)
 
 
@@ -600,17 +601,25 @@ class Analyzer:
         split = self.split(self.cfg.data.train_split)
         count = 0
         unique = sorted({float(r) for r in ratios})
-        for item in self.items(self.dataset(split), "equivariance"):
-            x = item["image"].unsqueeze(0).to(self.device)
+
+        def downsampled(x: torch.Tensor, r: float) -> torch.Tensor:
             H, W = x.shape[-2:]
-            maps = {}
-            for r in unique:
-                size = (max(1, round(H / r)), max(1, round(W / r)))
-                xr = x if size == (H, W) else resize_image(x, size)
-                maps[r] = self._np(self.forward(xr).activations)
-            acc.update(maps, item["label"].numpy())
+            size = (max(1, round(H / r)), max(1, round(W / r)))
+            return x if size == (H, W) else resize_image(x, size)
+
+        dataset = self.dataset(split)
+        largest: dict[int, tuple[int, int]] = {}  # class -> (pixels, image index): the image a figure row shows
+        for item in self.items(dataset, "equivariance"):
+            x = item["image"].unsqueeze(0).to(self.device)
+            maps = {r: self._np(self.forward(downsampled(x, r)).activations) for r in unique}
+            label = item["label"].numpy()
+            acc.update(maps, label)
+            for c, n in zip(*np.unique(label, return_counts=True)):
+                if int(c) != self.info.ignore_index and n > largest.get(int(c), (0, -1))[0]:
+                    largest[int(c)] = (int(n), count)
             count += 1
         res = acc.compute()
+        pairs_fig = self._equivariant_pairs_figure(res, dataset, largest, ratios, downsampled)
         rows = [
             [
                 q,
@@ -643,6 +652,47 @@ class Analyzer:
             rows,
             fig,
             self.meta(split=split, num_images=count),
+            extra_figures={"pairs": pairs_fig},
+        )
+
+    def _equivariant_pairs_figure(
+        self,
+        res: dict[float, dict[str, Any]],
+        dataset: Any,
+        largest: dict[int, tuple[int, int]],
+        ratios: Sequence[float],
+        downsampled: Any,
+    ) -> Any:
+        """Figures 8-10: the best quasi-equivariant pairs at the lowest p_th, each on the image with most pixels of
+        its class: A_{s,i} on the input downsampled by r_{1->s'}, A_{s',j} on the one downsampled by r_{1->s}."""
+        from PIL import Image
+
+        from scaleprotoseg.analysis.plots import plot_equivariant_pairs
+
+        q = min(res)
+        pairs = sorted(res[q]["pairs"], key=lambda e: -e[2])[:EQUIVARIANT_PAIRS_SHOWN]
+        cls, scale = self.head.prototype_class.cpu().numpy(), self.head.prototype_scale.cpu().numpy()
+        panels = []
+        for p, p2, iou in pairs:
+            c = int(cls[p])
+            index = largest[c][1]
+            x = dataset[index]["image"].unsqueeze(0).to(self.device)
+            raw = dataset.load_raw(index)[0]
+            sides = {}
+            for side, proto, other in (("left", p, p2), ("right", p2, p)):
+                r = float(ratios[int(scale[other])])  # read each prototype on the input sized for the other's scale
+                xr = downsampled(x, r)
+                act = self._np(self.forward(xr).activations)[proto]
+                image = np.asarray(Image.fromarray(raw).resize((xr.shape[-1], xr.shape[-2]), Image.BILINEAR))
+                sides[side] = {
+                    "image": image,
+                    "activation": act,
+                    "label": f"prototype {proto} (scale {int(scale[proto]) + 1}), input / {r:g}",
+                }
+            caption = f"{self.class_names[c]}: IoU {iou:.2f} at p_th {q:g}"
+            panels.append({**sides, "caption": caption})
+        return plot_equivariant_pairs(
+            panels, title=f"Quasi-equivariant prototype pairs (Figures 8-10): {self.run.name}"
         )
 
     # -- dispatch ------------------------------------------------------------------------------------------------

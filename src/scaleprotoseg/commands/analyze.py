@@ -1,5 +1,8 @@
 """``scaleprotoseg analyze RUN METRIC...``: interpretability metrics of a trained run (paper section 4.2, Tables 2-4,
-7, 9, 10, Figures 3 and 7). Each metric writes ``RUN/analysis/<metric>.{json,csv,png}``; see docs/analysis.md."""
+7, 9, 10, Figures 3 and 7). Each metric writes ``RUN/analysis/<metric>.{json,csv,png}``; see docs/analysis.md.
+
+``scaleprotoseg analyze aggregate RUN RUN... --out DIR``: several runs (seeds) as mean +- std in the layout of
+Tables 1, 3-6 and 10 (:mod:`scaleprotoseg.analysis.aggregate`)."""
 
 from __future__ import annotations
 
@@ -9,15 +12,17 @@ from pathlib import Path
 
 from scaleprotoseg.analysis.runner import METRICS
 
+AGGREGATE = "aggregate"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory")
+    parser.add_argument("run", help="run directory, or 'aggregate' followed by several run directories")
     parser.add_argument(
         "metrics",
         nargs="+",
         metavar="METRIC",
-        choices=[*METRICS, "all"],
-        help=f"one or more of {', '.join(METRICS)}, or all (every metric that applies to the run)",
+        help=f"one or more of {', '.join(METRICS)}, or all (every metric that applies to the run); after "
+        "'aggregate': the run directories",
     )
     parser.add_argument(
         "--split",
@@ -49,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the stability noise")
     parser.add_argument("--noise-std", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: data.num_workers)")
-    parser.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN/analysis; aggregate: ./aggregate)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--debug", action="store_true")
 
@@ -61,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.engine.distributed import resolve_device
     from scaleprotoseg.rundir import RunDir
 
+    if args.run == AGGREGATE and not (Path(AGGREGATE) / "config.yaml").is_file():  # not a run named 'aggregate'
+        return _aggregate(args.metrics, Path(args.out or AGGREGATE))
+    unknown = [m for m in args.metrics if m not in (*METRICS, "all")]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; expected any of {', '.join(METRICS)} or all")
     if args.max_images < 0:
         raise ValueError(f"--max-images {args.max_images}: expected 0 (all) or a positive count")
     noise = NOISE_STD if args.noise_std is None else float(args.noise_std)
@@ -97,3 +107,15 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(result.columns, result.rows))
         print(f"-> {', '.join(str(p) for p in paths.values())}")
     return 1 if failed else 0
+
+
+def _aggregate(runs: list[str], out: Path) -> int:
+    """``analyze aggregate RUN...``: read every run, write and print the tables."""
+    from scaleprotoseg.analysis.aggregate import build_tables, read_run, table_markdown, write_aggregate
+
+    records = [read_run(r) for r in runs]
+    paths = write_aggregate(records, out)
+    for table in build_tables(records):
+        print(table_markdown(table) + "\n")
+    print(f"-> {paths['tables']} ({len(records)} runs)")
+    return 0

@@ -13,12 +13,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", default=None, help="evaluate this stage's checkpoint instead of final/")
     parser.add_argument(
         "--mode",
-        choices=["whole", "sliding", "short_side"],
+        choices=["whole", "sliding", "short_side", "fixed"],
         default=None,
         help="inference mode (default: the config's data.test_mode)",
     )
-    parser.add_argument("--test-size", type=int, default=None, help="short side / window size (default: config)")
+    parser.add_argument(
+        "--test-size", type=int, default=None, help="short side / square side / window size (default: config)"
+    )
     parser.add_argument("--msc", default=None, help="comma-separated input scales with max fusion, e.g. 0.5,0.75,1")
+    parser.add_argument(
+        "--msc-fusion",
+        choices=["features", "logits"],
+        default=None,
+        help="what multi-scale inputs max-fuse: ASPP features (the release) or logits (default: data.msc_fusion)",
+    )
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped prediction")
     parser.add_argument("--data-root", default=None, help="dataset root (default: the config's data.root)")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
@@ -65,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         changes["test_size"] = args.test_size
     if args.msc:
         changes["msc_scales"] = tuple(float(s) for s in args.msc.split(","))
+    if args.msc_fusion:
+        changes["msc_fusion"] = args.msc_fusion
     res = evaluate(
         model,
         dataset,

@@ -22,7 +22,7 @@ from scaleprotoseg.engine import distributed as dist_utils
 from scaleprotoseg.engine.group_stats import group_change, group_snapshot
 from scaleprotoseg.engine.optim import build_optimizer, build_scheduler
 from scaleprotoseg.engine.sampler import KeyedDataset, StreamSampler
-from scaleprotoseg.losses import compute_losses
+from scaleprotoseg.losses import compute_losses, msc_loss_outputs
 from scaleprotoseg.models.heads import ScaleProtoSegHead
 from scaleprotoseg.models.segmenter import msc_forward, prototype_head
 from scaleprotoseg.rundir import recover_dir
@@ -72,16 +72,11 @@ def _losses(t: Trainer, net: torch.nn.Module, batch: dict[str, Any], terms: list
     amp = cfg.train.amp and t.device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
         if cfg.data.msc_scales:
-            outs, fused = msc_forward(net, x, cfg.data.msc_scales)
-            main = next((o for o, s in zip(outs, cfg.data.msc_scales) if s == 1), outs[-1])
-            output = main.map(lambda v: v.float())
-            extra = [fused.float()] + (
-                [o.logits.float() for o in outs if o is not main] if cfg.loss.msc_all_scales else []
-            )
+            outs, fused = msc_forward(net, x, cfg.data.msc_scales, cfg.data.msc_fusion)
+            output, *extra = msc_loss_outputs(outs, fused, cfg.data.msc_scales, cfg.loss.msc_all_scales)
         else:
-            output = net(x).map(lambda v: v.float())
-            extra = []
-    return compute_losses(output, y, t.model.head, cfg.loss, terms, ignore_index=t.ignore_index, extra_logits=extra)
+            output, extra = net(x), []
+    return compute_losses(output, y, t.model.head, cfg.loss, terms, ignore_index=t.ignore_index, extra_outputs=extra)
 
 
 def train_steps(t: Trainer, name: str, stage: StageConfig) -> dict[str, Any]:

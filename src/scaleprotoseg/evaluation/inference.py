@@ -1,17 +1,19 @@
-"""Full-resolution prediction: whole image, sliding window, short-side resize, multi-scale inputs and flip.
+"""Full-resolution prediction: whole image, sliding window, short-side or fixed-size resize, multi-scale inputs and
+flip.
 
-The model contract is ``model(x) -> out``, a :class:`~scaleprotoseg.models.heads.ModelOutput`, a mapping with a
-``"logits"`` entry or a tensor, with logits of shape (B, C, h, w) on the feature grid (h = H/8 for DeepLab); a
-:class:`~scaleprotoseg.models.segmenter.Segmenter` is called through its ``logits(x)`` method instead, which returns
-the same scores without computing the maps that explanations need. Logits are always brought to the label size by
-bilinear upsampling with align_corners=False, as in the release's evaluation (training instead downsamples the
-labels). Test-time protocols of supplement 6: Pascal VOC whole 513x513 images with multi-scale inputs {0.5, 0.75, 1}
-fused by max; Cityscapes at 1024x2048 (whole, or sliding windows); ADE20K with the short side resized to 512."""
+The model contract is ``model(x) -> out`` with ``out.logits`` of shape (B, C, h, w) on the feature grid (h = H/8 for
+DeepLab); a model with a ``logits(x)`` method (:class:`~scaleprotoseg.models.segmenter.Segmenter`) is called through
+it instead, which returns the same scores without computing the maps that explanations need. Logits are always
+brought to the label size by bilinear upsampling with align_corners=False, as in the release's evaluation (training
+instead downsamples the labels). Test-time protocols of supplement 6: Pascal VOC images resized to 513x513 (``fixed``;
+the release resizes the image and upsamples the logits to the label's own size) with multi-scale inputs
+{0.5, 0.75, 1} fused by max; Cityscapes at 1024x2048 (whole, or sliding windows); ADE20K with the short side resized
+to 512."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleprotoseg.models.heads import ModelOutput
-from scaleprotoseg.models.segmenter import Segmenter
+from scaleprotoseg.models.segmenter import MSC_FUSIONS, MscFusion, Segmenter, unwrap
 from scaleprotoseg.ops import resize_image, upsample_logits
 
 if TYPE_CHECKING:
@@ -28,8 +30,9 @@ if TYPE_CHECKING:
 
 __all__ = ["MODES", "InferenceSettings", "predict_logits", "sliding_window_starts"]
 
-MODES = ("whole", "sliding", "short_side")
-Mode = Literal["whole", "sliding", "short_side"]
+MODES = ("whole", "sliding", "short_side", "fixed")
+Mode = Literal["whole", "sliding", "short_side", "fixed"]
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -43,18 +46,20 @@ class InferenceSettings:
     stride: tuple[int, int] | None = None
     test_size: int = 0
     msc_scales: tuple[float, ...] = ()
+    msc_fusion: MscFusion = "features"
     flip: bool = False
     tile_batch_size: int = 4
 
     @classmethod
     def from_config(cls, data: DataConfig, **changes: Any) -> InferenceSettings:
-        """The settings of ``data`` (``test_mode``, ``crop_size``, ``test_size``, ``msc_scales``; no flip), with
-        ``changes`` (e.g. command-line options) applied on top."""
+        """The settings of ``data`` (``test_mode``, ``crop_size``, ``test_size``, ``msc_scales``, ``msc_fusion``; no
+        flip), with ``changes`` (e.g. command-line options) applied on top."""
         base = cls(
             mode=data.test_mode,
             crop_size=(int(data.crop_size[0]), int(data.crop_size[1])),
             test_size=int(data.test_size),
             msc_scales=tuple(float(s) for s in data.msc_scales),
+            msc_fusion=data.msc_fusion,
         )
         return cls(**{**base.__dict__, **changes})
 
@@ -68,6 +73,7 @@ class InferenceSettings:
             stride=self.stride,
             test_size=self.test_size,
             msc_scales=self.msc_scales,
+            msc_fusion=self.msc_fusion,
             flip=self.flip,
             tile_batch_size=self.tile_batch_size,
         )
@@ -114,12 +120,12 @@ def sliding_window_starts(length: int, window: int, stride: int) -> list[int]:
     return [min(i * stride, length - window) for i in range(n)]
 
 
-def _predict_whole(model: nn.Module, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-    return upsample_logits(_logits_of(model, x), out_size)
+def _predict_whole(logits_of: LogitsFn, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    return upsample_logits(logits_of(x), out_size)
 
 
 def _predict_sliding(
-    model: nn.Module,
+    logits_of: LogitsFn,
     x: torch.Tensor,
     out_size: tuple[int, int],
     window: tuple[int, int],
@@ -140,7 +146,7 @@ def _predict_sliding(
     for i in range(0, len(boxes), per_chunk):
         chunk = boxes[i : i + per_chunk]
         tiles = torch.cat([x[:, :, t : t + wh, l : l + ww] for t, l in chunk], dim=0)  # (len(chunk) * B, 3, wh, ww)
-        logits = upsample_logits(_logits_of(model, tiles), (wh, ww))
+        logits = upsample_logits(logits_of(tiles), (wh, ww))
         if total is None:
             total = torch.zeros(b, logits.shape[1], ph, pw, device=x.device, dtype=torch.float32)
         for k, (t, l) in enumerate(chunk):
@@ -161,6 +167,7 @@ def predict_logits(
     stride: int | Sequence[int] | None = None,
     test_size: int = 0,
     msc_scales: Sequence[float] = (),
+    msc_fusion: MscFusion = "features",
     flip: bool = False,
     tile_batch_size: int = 4,
 ) -> torch.Tensor:
@@ -169,12 +176,19 @@ def predict_logits(
     Args:
         model: any module with ``model(x).logits`` (B, C, h, w); put it in eval mode and on ``image.device`` first.
         mode: ``whole`` (full image, logits upsampled bilinearly); ``sliding`` (overlapping windows, logits averaged);
-            ``short_side`` (image resized so its short side is ``test_size``, predicted whole, logits resized back).
+            ``short_side`` (image resized so its short side is ``test_size``, predicted whole, logits resized back);
+            ``fixed`` (image resized to ``test_size`` x ``test_size`` whatever its aspect ratio, predicted whole,
+            logits resized back to the image's own size: the release's Pascal VOC protocol at 513).
         crop_size: sliding window (height, width) when ``test_size`` is 0 (as in ``data.test_size``).
         stride: sliding step (height, width); default 2/3 of the window, rounded up.
-        test_size: short side for ``short_side``; square window side for ``sliding`` when > 0.
-        msc_scales: multi-scale inputs: the image is run at each scale (after the mode's own resize), logits are
-            resized to (H, W) and fused by elementwise max (DeepLab MSC). Empty: single scale.
+        test_size: short side for ``short_side``; square side for ``fixed``; square window side for ``sliding`` when
+            > 0.
+        msc_scales: multi-scale inputs: the image (after the mode's own resize, each window in ``sliding``) is run at
+            each scale and the results fused by elementwise max. Empty: single scale.
+        msc_fusion: ``features`` (the release): the ASPP outputs of the scales are max-fused on the largest scale's
+            grid and the head runs once on them (``model`` must be a
+            :class:`~scaleprotoseg.models.segmenter.Segmenter`); ``logits``: each scale's logits are resized to
+            (H, W) and max-fused (DeepLab's MSC; any model).
         flip: average with the horizontally flipped prediction (applied outermost, around MSC).
         tile_batch_size: at most this many windows (across the batch) per forward pass in ``sliding`` mode.
     """
@@ -188,15 +202,21 @@ def predict_logits(
         raise ValueError(f"msc_scales: got {tuple(msc_scales)}; expected positive scale factors")
     if tile_batch_size < 1:
         raise ValueError(f"tile_batch_size: got {tile_batch_size}; expected >= 1")
+    if msc_fusion not in MSC_FUSIONS:
+        raise ValueError(f"msc_fusion: got {msc_fusion!r}; expected one of {', '.join(MSC_FUSIONS)}")
     h, w = image.shape[-2:]
     out_size = (int(h), int(w))
 
-    base = 1.0
+    base = (1.0, 1.0)  # resize factors (height, width) of the mode
     window = step = (0, 0)
     if mode == "short_side":
         if test_size <= 0:
             raise ValueError(f"test_size: got {test_size}; expected the positive short side for mode 'short_side'")
-        base = test_size / min(h, w)
+        base = (test_size / min(h, w),) * 2
+    elif mode == "fixed":
+        if test_size <= 0:
+            raise ValueError(f"test_size: got {test_size}; expected the positive side of the square for mode 'fixed'")
+        base = (test_size / h, test_size / w)
     elif mode == "sliding":
         if test_size > 0:
             window = (int(test_size), int(test_size))
@@ -210,18 +230,33 @@ def predict_logits(
             else (math.ceil(window[0] * 2 / 3), math.ceil(window[1] * 2 / 3))
         )
 
-    def single(x: torch.Tensor) -> torch.Tensor:
-        fused: torch.Tensor | None = None
-        for s in scales:
-            size = (_scaled(h, base * s), _scaled(w, base * s))
-            xs = resize_image(x, size)
-            if mode == "sliding":
-                logits = _predict_sliding(model, xs, out_size, window, step, tile_batch_size)
-            else:
-                logits = _predict_whole(model, xs, out_size)
-            fused = logits if fused is None else torch.maximum(fused, logits)
-        assert fused is not None
-        return fused
+    def run(logits_of: LogitsFn, x: torch.Tensor, s: float) -> torch.Tensor:
+        xs = resize_image(x, (_scaled(h, base[0] * s), _scaled(w, base[1] * s)))
+        if mode == "sliding":
+            return _predict_sliding(logits_of, xs, out_size, window, step, tile_batch_size)
+        return _predict_whole(logits_of, xs, out_size)
+
+    if msc_fusion == "features" and scales != (1.0,):
+        segmenter = unwrap(model)
+        if not isinstance(segmenter, Segmenter):
+            raise ValueError(
+                f"msc_fusion 'features': got a {type(segmenter).__name__}; expected a Segmenter (whose ASPP outputs "
+                "can be fused), or msc_fusion 'logits'"
+            )
+        relative = tuple(s / max(scales) for s in scales)  # the mode's resize at the largest scale, then the others
+
+        def single(x: torch.Tensor) -> torch.Tensor:
+            return run(lambda t: segmenter.msc_logits(t, relative).float(), x, max(scales))
+
+    else:
+
+        def single(x: torch.Tensor) -> torch.Tensor:
+            fused: torch.Tensor | None = None
+            for s in scales:
+                logits = run(lambda t: _logits_of(model, t), x, s)
+                fused = logits if fused is None else torch.maximum(fused, logits)
+            assert fused is not None
+            return fused
 
     logits = single(image)
     if flip:

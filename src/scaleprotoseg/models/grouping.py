@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from scaleprotoseg.models.layout import padded_index
-from scaleprotoseg.ops import project_simplex
+from scaleprotoseg.ops import at_least_float32, full_precision, project_simplex
 
 GEOMETRIC_FLOOR = 1e-6  # activations are floored here before the log of the 'geometric' form
 
@@ -109,12 +109,13 @@ class GroupingLayer(nn.Module):
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
         B, P, h, w = activations.shape
         C, K = self.member_index.shape
-        gathered = activations.index_select(1, self.member_index.reshape(-1)).view(B, C, K, h * w)
-        if self.mode == "geometric":
-            gathered = torch.log(gathered.clamp_min(GEOMETRIC_FLOOR))
-        weight = self.weight * self._row_mask()
-        log_groups = torch.einsum("cnk,bckx->bcnx", weight, gathered)
-        return torch.exp(log_groups).reshape(B, C * self.groups_per_class, h, w)
+        with full_precision(activations):  # float32 under autocast too: exp() of a bfloat16 sum is off by up to 4 %
+            gathered = at_least_float32(activations).index_select(1, self.member_index.reshape(-1)).view(B, C, K, h * w)
+            if self.mode == "geometric":
+                gathered = torch.log(gathered.clamp_min(GEOMETRIC_FLOOR))
+            weight = self.weight * self._row_mask()
+            log_groups = torch.einsum("cnk,bckx->bcnx", weight, gathered)
+            return torch.exp(log_groups).reshape(B, C * self.groups_per_class, h, w)
 
     @torch.no_grad()
     def remap_prototypes(self, keep: torch.Tensor, new_prototype_class: torch.Tensor) -> None:

@@ -33,7 +33,7 @@ from scaleprotoseg.models.aspp import ASPP
 from scaleprotoseg.models.grouping import GroupingLayer
 from scaleprotoseg.models.layout import member_table, padded_layout
 from scaleprotoseg.models.prototypes import PrototypeLayer, prototype_layout
-from scaleprotoseg.ops import ACTIVATION_EPS
+from scaleprotoseg.ops import ACTIVATION_EPS, at_least_float32, full_precision
 
 METHODS = ("deeplabv2", "protoseg", "scaleprotoseg")
 
@@ -81,11 +81,18 @@ class DeepLabV2Head(nn.Module):
         self.aspp = ASPP(in_channels, num_classes, rates, mode="sum", init_std=init_std)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        return ModelOutput(logits=self.aspp(x))
+        return self.forward_aspp(self.aspp(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores only (the inference path)."""
         return self.aspp(x)
+
+    def forward_aspp(self, a: torch.Tensor) -> ModelOutput:
+        """The output from the ASPP's output ``a``, here the class scores themselves (multi-scale inputs fuse it)."""
+        return ModelOutput(logits=a)
+
+    def logits_from_aspp(self, a: torch.Tensor) -> torch.Tensor:
+        return a
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"aspp": list(self.aspp.parameters())}
@@ -237,13 +244,21 @@ class PrototypeHead(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        return self.forward_features(torch.sigmoid(self.aspp(x)))
+        return self.forward_aspp(self.aspp(x))
+
+    def forward_aspp(self, a: torch.Tensor) -> ModelOutput:
+        """Everything after the ASPP from its (pre-sigmoid) output ``a``: the entry point of multi-scale inputs, which
+        max-fuse the ASPP outputs of the scaled images (:func:`~scaleprotoseg.models.segmenter.msc_forward`)."""
+        with full_precision(a):
+            return self.forward_features(torch.sigmoid(at_least_float32(a)))
 
     def forward_features(self, features: torch.Tensor) -> ModelOutput:
-        """Everything after the ASPP and sigmoid, every map kept (training, explanations)."""
-        distances, activations = self.prototypes(features)
-        logits, groups = self.classify(activations)
-        return ModelOutput(logits, features, distances, activations, groups)
+        """Everything after the ASPP and sigmoid, every map kept (training, explanations); float32 under autocast."""
+        with full_precision(features):
+            features = at_least_float32(features)
+            distances, activations = self.prototypes(features)
+            logits, groups = self.classify(activations)
+            return ModelOutput(logits, features, distances, activations, groups)
 
     def classify(self, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prototype activations (B, P, h, w) -> (logits (B, C, h, w), group activations (B, G, h, w) or None)."""
@@ -255,14 +270,23 @@ class PrototypeHead(nn.Module):
         Without autograd, cells are processed in reused blocks and a grouped head skips the prototypes no group uses
         (:mod:`scaleprotoseg.models.fused`); with autograd on, this is the plain forward.
         """
+        return self.logits_from_aspp(self.aspp(x))
+
+    def logits_from_aspp(self, a: torch.Tensor) -> torch.Tensor:
+        """Class scores from the ASPP's output, equal to ``forward_aspp(a).logits`` (see :meth:`logits`)."""
         if torch.is_grad_enabled():
-            return self.forward(x).logits
-        return self.logits_from_features(torch.sigmoid(self.aspp(x)))
+            return self.forward_aspp(a).logits
+        with full_precision(a):
+            return self.logits_from_features(torch.sigmoid(at_least_float32(a)))
 
     @torch.no_grad()
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Class scores from the sigmoid ASPP features (B, S*D, h, w), block by block (Eqs. 1-2, no autograd), on
-        the layout of the last :meth:`refresh_layout`."""
+        the layout of the last :meth:`refresh_layout`, in float32 under autocast too."""
+        with full_precision(features):
+            return self._blockwise_logits(at_least_float32(features))
+
+    def _blockwise_logits(self, features: torch.Tensor) -> torch.Tensor:
         m = self._slots
         protos = self.prototypes.prototypes.index_select(0, self._plan_source).view(self.num_scales, m, -1)
         return fused.blockwise_logits(features, protos, self.prototypes.eps, self._combine(), self.num_classes)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scaleprotoseg.ops import ACTIVATION_EPS, log_activation, multiscale_squared_distances, scale_counts
+from scaleprotoseg.ops import (
+    ACTIVATION_EPS,
+    at_least_float32,
+    full_precision,
+    log_activation,
+    multiscale_squared_distances,
+    scale_counts,
+)
 
 
 def prototype_layout(num_classes: int, per_class: int, num_scales: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +64,12 @@ class PrototypeLayer(nn.Module):
         self._scale_counts = scale_counts(self.prototype_scale, self.num_scales)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = multiscale_squared_distances(
-            features, self.prototypes, self.prototype_scale, self.num_scales, self.scale_counts()
-        )
-        return d, log_activation(d, self.eps)
+        """Distances and activations in float32, also under autocast (:func:`~scaleprotoseg.ops.full_precision`)."""
+        with full_precision(features):
+            d = multiscale_squared_distances(
+                at_least_float32(features), self.prototypes, self.prototype_scale, self.num_scales, self.scale_counts()
+            )
+            return d, log_activation(d, self.eps)
 
     @torch.no_grad()
     def keep(self, index: torch.Tensor) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from scaleprotoseg.models.heads import DeepLabV2Head, ModelOutput, PrototypeHead, make_head
 from scaleprotoseg.ops import resize_image
+
+MSC_FUSIONS = ("features", "logits")
+MscFusion = Literal["features", "logits"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -18,8 +22,36 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) else model
 
 
+@dataclass
+class MultiScaleOutput:
+    """What a forward pass with multi-scale inputs returns: one output per input scale (in the order of the scales,
+    each on its own grid) and the output of the max-fused ASPP features (on the largest scale's grid)."""
+
+    scales: list[ModelOutput]
+    fused: ModelOutput
+
+
+def scaled_input(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` (B, 3, H, W) resized bilinearly by ``scale`` (side lengths rounded, at least 1)."""
+    if scale == 1:
+        return x
+    H, W = x.shape[-2:]
+    return resize_image(x, (max(1, int(round(H * scale))), max(1, int(round(W * scale)))))
+
+
+def max_fuse(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Elementwise max of (B, K, h_i, w_i) maps, each first resized bilinearly to the largest one's grid (DeepLab's
+    multi-scale inputs)."""
+    size = max((tuple(m.shape[-2:]) for m in maps), key=lambda hw: hw[0] * hw[1])
+    return torch.stack([resize_image(m, size) for m in maps], dim=0).amax(dim=0)
+
+
 class Segmenter(nn.Module):
-    """``backbone -> head``; ``forward(x (B, 3, H, W)) -> ModelOutput`` on the backbone's feature grid."""
+    """``backbone -> head``; ``forward(x (B, 3, H, W)) -> ModelOutput`` on the backbone's feature grid.
+
+    With ``msc_scales``, ``forward`` runs the multi-scale inputs of the release in one call (one call, so that a
+    DistributedDataParallel wrapper sees one forward pass) and returns a :class:`MultiScaleOutput`.
+    """
 
     def __init__(self, backbone: nn.Module, head: DeepLabV2Head | PrototypeHead) -> None:
         super().__init__()
@@ -38,12 +70,23 @@ class Segmenter(nn.Module):
     def output_stride(self) -> int:
         return int(getattr(self.backbone, "output_stride", 8))
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor, msc_scales: Sequence[float] = ()) -> ModelOutput | MultiScaleOutput:
+        if not msc_scales:
+            return self.head(self.backbone(x))
+        aspp = self._aspp_outputs(x, msc_scales)
+        return MultiScaleOutput([self.head.forward_aspp(a) for a in aspp], self.head.forward_aspp(max_fuse(aspp)))
+
+    def _aspp_outputs(self, x: torch.Tensor, scales: Sequence[float]) -> list[torch.Tensor]:
+        return [self.head.aspp(self.backbone(scaled_input(x, s))) for s in scales]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores (B, C, h, w) only, without the intermediate maps: what evaluation and prediction use."""
         return self.head.logits(self.backbone(x))
+
+    def msc_logits(self, x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+        """Class scores of multi-scale inputs with the ASPP outputs max-fused (the release), equal to
+        ``forward(x, scales).fused.logits``, on the largest scale's grid."""
+        return self.head.logits_from_aspp(max_fuse(self._aspp_outputs(x, scales)))
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by the names the training stages use: backbone, aspp, prototypes, groups, last_layer."""
@@ -83,18 +126,24 @@ class Segmenter(nn.Module):
         self.head.refresh_layout()
 
 
-def msc_forward(model: nn.Module, x: torch.Tensor, scales: Sequence[float]) -> tuple[list[ModelOutput], torch.Tensor]:
-    """DeepLab multi-scale inputs: run ``x`` at each scale and fuse the logits by an elementwise max on the grid of
-    the scale-1 input. Returns (outputs per scale, fused logits)."""
-    outputs = []
-    H, W = x.shape[-2:]
-    for s in scales:
-        xs = x if s == 1 else resize_image(x, (max(1, int(round(H * s))), max(1, int(round(W * s)))))
-        outputs.append(model(xs))
-    ref = next((o for o, s in zip(outputs, scales) if s == 1), outputs[-1])
-    size = tuple(ref.logits.shape[-2:])
-    fused = torch.stack([resize_image(o.logits, size) for o in outputs], dim=0).amax(dim=0)
-    return outputs, fused
+def msc_forward(
+    model: nn.Module, x: torch.Tensor, scales: Sequence[float], fusion: MscFusion = "features"
+) -> tuple[list[ModelOutput], ModelOutput]:
+    """Multi-scale inputs (DeepLab's MSC): run ``x`` at each scale and fuse by an elementwise max on the largest
+    scale's grid (maps resized bilinearly). Returns (outputs per scale, fused output).
+
+    ``fusion="features"`` (the authors' release, in training and evaluation) fuses the ASPP outputs before the
+    sigmoid, so the fused output is a whole forward pass (prototype distances included) of the fused features.
+    ``"logits"`` fuses the class scores of the per-scale outputs (DeepLab's own MSC); the fused output then has
+    logits only. ``model`` is a :class:`Segmenter`, possibly wrapped (DDP).
+    """
+    if fusion == "features":
+        out = model(x, msc_scales=tuple(scales))
+        return out.scales, out.fused
+    if fusion != "logits":
+        raise ValueError(f"multi-scale fusion {fusion!r} is not known; expected one of {', '.join(MSC_FUSIONS)}")
+    outputs = [model(scaled_input(x, s)) for s in scales]
+    return outputs, ModelOutput(logits=max_fuse([o.logits for o in outputs]))
 
 
 def build_model(model_cfg: Any, num_classes: int) -> Segmenter:

@@ -16,8 +16,23 @@ def test_paper_channel_layout() -> None:
     assert [d[0].out_channels for d in model.down] == [128, 256, 512, 1024]
     assert [u.in_channels for u in model.up] == [128, 256, 512, 1024]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and not isinstance(m, nn.ConvTranspose2d)]
+    convs.remove(model.out_conv)
     assert len(convs) == 18 and all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 18
+
+
+def test_release_1x1_convolution_before_the_aspp() -> None:
+    """The release's U-Net ends with a 1x1 convolution (64 -> 64, bias, no activation) feeding the ASPP."""
+    model = UNet(base_channels=4).eval()
+    out = model.out_conv
+    assert isinstance(out, nn.Conv2d) and out.kernel_size == (1, 1) and out.bias is not None
+    assert (out.in_channels, out.out_channels) == (4, 4)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        y = model(x)
+        model.out_conv = None
+        torch.testing.assert_close(y, out(model(x)))
+    assert UNet(base_channels=4, out_conv=False).out_conv is None
 
 
 @pytest.mark.parametrize(("h", "w"), [(64, 64), (50, 37), (17, 1)])

@@ -3,8 +3,10 @@
 Four down levels (max-pool 2x2) and four up levels (2x2 transposed conv halving the channels, concatenation with the
 skip, two convs); channels ``c, 2c, 4c, 8c, 16c`` with ``c = base_channels`` (64 as in the paper: 64..1024). Each conv
 is 3x3 with ``padding=1`` (the paper's are unpadded) followed by batch norm and ReLU, so the output has the input's
-size: output stride 1, ``out_channels = base_channels`` (the paper's final 1x1 classifier is left to the head). Inputs
-whose sides are not multiples of 16 are zero-padded bottom/right to the next multiple and the output is cropped back.
+size: output stride 1, ``out_channels = base_channels``. The paper's final 1x1 classifier becomes, as in the authors'
+release, a 1x1 convolution (``base_channels -> base_channels``, bias, no activation, PyTorch's default init) between
+the U-Net and the ASPP (``out_conv=False`` leaves it out). Inputs whose sides are not multiples of 16 are zero-padded
+bottom/right to the next multiple and the output is cropped back.
 The EM experiment trains batch norm: build it with ``freeze_bn=False``.
 """
 
@@ -42,12 +44,19 @@ class UNet(Backbone):
         in_channels: input channels (3: grey EM images are replicated to RGB by the data pipeline).
         freeze_bn: keep batch norm in eval mode with frozen affine parameters.
         bn_momentum: batch-norm momentum in PyTorch's convention (default 0.1).
+        out_conv: end with the release's 1x1 convolution (64 -> 64 in the paper) before the ASPP.
     """
 
     depth = 4
 
     def __init__(
-        self, *, base_channels: int = 64, in_channels: int = 3, freeze_bn: bool = True, bn_momentum: float = 0.1
+        self,
+        *,
+        base_channels: int = 64,
+        in_channels: int = 3,
+        freeze_bn: bool = True,
+        bn_momentum: float = 0.1,
+        out_conv: bool = True,
     ) -> None:
         super().__init__(freeze_bn=freeze_bn)
         if base_channels < 1:
@@ -64,6 +73,7 @@ class UNet(Backbone):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        self.out_conv = nn.Conv2d(widths[0], widths[0], 1) if out_conv else None
         self.set_bn_momentum(bn_momentum)
         self.set_freeze_bn(freeze_bn)
 
@@ -80,6 +90,8 @@ class UNet(Backbone):
         y = skips.pop()
         for i in reversed(range(self.depth)):
             y = self.up_conv[i](torch.cat([skips.pop(), self.up[i](y)], dim=1))
+        if self.out_conv is not None:
+            y = self.out_conv(y)
         return y[..., :h, :w]
 
 
