@@ -19,6 +19,7 @@ VERBS = {
     "explain": "explain a prediction with prototypes and groups",
     "analyze": "interpretability metrics and analyses of a trained run",
     "report": "write a self-contained HTML report of a run",
+    "explore": "a local web app: why this class at this pixel, what if a prototype is removed",
 }
 
 
