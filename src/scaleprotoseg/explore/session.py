@@ -268,6 +268,8 @@ class ExploreSession:
     def group_map(self, state: ImageState, g: int, ablation: Ablation = Ablation()) -> np.ndarray:
         """(h, w) activation of group ``g`` on the grid (Eq. 2), with ``ablation``'s renormalised weights."""
         tables = self.tables_for(ablation)
+        if not tables.grouped:
+            raise ExploreError("this model has no groups (ProtoSeg or stage 1): there are no group maps")
         if not 0 <= g < tables.num_groups:
             raise ExploreError(f"group {g} does not exist; this model has {tables.num_groups} groups")
         w = tables.group_weight[g]  # type: ignore[index]

@@ -73,7 +73,7 @@ async function showCell() {
   Object.assign(m.style, { top: `${d.cell[0] * ch * sy}px`, left: `${d.cell[1] * cw * sx}px`, width: `${cw * sx}px`, height: `${ch * sy}px` });
   m.hidden = false;
   $("cell-info").innerHTML = `Pixel (${y}, ${x}) → cell (${d.cell[0]}, ${d.cell[1]}) of the ${d.grid[0]} x ${d.grid[1]} grid. ` +
-    `Predicted at this cell: <b id="predicted" data-class="${d.predicted}">${swatch(d.predicted)}${escapeHtml(d.predicted_name)}</b>` +
+    `<span id="cell-pos" data-cell="${d.cell}" data-logits="${d.logits}"></span>Predicted at this cell: <b id="predicted" data-class="${d.predicted}">${swatch(d.predicted)}${escapeHtml(d.predicted_name)}</b>` +
     (d.pixel_class !== d.predicted ? ` (the pixel, after bilinear upsampling: ${escapeHtml(cname(d.pixel_class))})` : "");
   $("scores").innerHTML = "<h2>Class scores at the cell</h2><table><tr><th>class</th><th>logit</th><th></th></tr>" +
     d.logits.map((v, c) => `<tr><td>${swatch(c)}${escapeHtml(cname(c))}</td><td>${fmt(v)}</td><td>` +
