@@ -19,13 +19,13 @@ from scaleprotoseg.explore.decision import Ablation, ExploreError
 from scaleprotoseg.explore.edits import list_edits, save_edit
 from scaleprotoseg.explore.session import MAX_PIXELS, ExploreSession, ImageCatalog
 
-__all__ = ["MAX_UPLOAD_BYTES", "create_app", "decode_upload"]
+__all__ = ["MAX_UPLOAD_BYTES", "create_app", "decode_upload", "encode_png"]
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 
 
-def _png(array: np.ndarray) -> bytes:
+def encode_png(array: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -40,7 +40,7 @@ def _heat(values: np.ndarray) -> tuple[bytes, float, float]:
     lo, hi = float(np.min(values)), float(np.max(values))
     norm = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
     rgb = (colormaps["viridis"](norm)[..., :3] * 255).astype(np.uint8)
-    return _png(rgb), lo, hi
+    return encode_png(rgb), lo, hi
 
 
 def decode_upload(data: bytes, name: str = "upload") -> np.ndarray:
@@ -128,7 +128,7 @@ def create_app(session: ExploreSession, catalog: ImageCatalog | None = None) -> 
 
     async def image_png(request: Request) -> Response:
         state = session.image(request.path_params["key"])
-        return png(await call(_png, state.image))
+        return png(await call(encode_png, state.image))
 
     async def prediction_png(request: Request) -> Response:
         state = session.image(request.path_params["key"])
@@ -136,7 +136,7 @@ def create_app(session: ExploreSession, catalog: ImageCatalog | None = None) -> 
         labels = await call(session.prediction, state, ab)
         pal = np.zeros((256, 3), np.uint8)
         pal[: len(session.meta.palette)] = session.meta.palette
-        return png(await call(_png, pal[labels]))
+        return png(await call(encode_png, pal[labels]))
 
     async def changes(request: Request) -> Response:
         state = session.image(request.path_params["key"])
@@ -149,7 +149,7 @@ def create_app(session: ExploreSession, catalog: ImageCatalog | None = None) -> 
         res = await call(session.changes, state, ablation_of(request))
         rgba = np.zeros((*res["mask"].shape, 4), np.uint8)
         rgba[res["mask"]] = (255, 255, 0, 255)
-        return png(await call(_png, rgba))
+        return png(await call(encode_png, rgba))
 
     async def cell(request: Request) -> Response:
         state = session.image(request.path_params["key"])
