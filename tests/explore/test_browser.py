@@ -54,7 +54,9 @@ def test_click_a_pixel_then_switch_a_prototype_off(browser_page, live_server, tr
     block = page.locator(".class-block").first
     assert int(block.get_attribute("data-class")) == predicted
     logit = float(block.get_attribute("data-logit"))
-    contributions = [float(v) for v in block.locator("tr.term").evaluate_all("rs => rs.map(r => r.dataset.contribution)")]
+    contributions = [
+        float(v) for v in block.locator("tr.term").evaluate_all("rs => rs.map(r => r.dataset.contribution)")
+    ]
     assert sum(contributions) == pytest.approx(logit, abs=1e-4)
     state = session.analyse(read_image(trained_runs["root"] / "images" / "img06.png"))  # cached: the page's
     assert float(state.logits[predicted, cell[0], cell[1]]) == pytest.approx(logit, abs=1e-4)  # the model's own

@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
         from scaleprotoseg.explore.app import create_app
     except ImportError as err:
-        raise RuntimeError(f"explore needs the extra 'explore' ({err.name} is missing): pip install 'scaleprotoseg[explore]'") from err
+        raise RuntimeError(
+            f"explore needs the extra 'explore' ({err.name} is missing): pip install 'scaleprotoseg[explore]'"
+        ) from err
     from scaleprotoseg.explore.session import ExploreSession, ImageCatalog
 
     folder = Path(args.images) if args.images else None

@@ -30,6 +30,7 @@ __all__ = ["MAX_PIXELS", "ExploreSession", "ImageCatalog", "ImageState"]
 
 MAX_PIXELS = 4096 * 4096  # larger images are refused with a message (the activations of one would be gigabytes)
 CACHE_IMAGES = 4  # analysed images kept per session
+NO_ABLATION = Ablation()  # everything on
 
 
 @dataclass
@@ -194,11 +195,11 @@ class ExploreSession:
             self._ablated[ablation] = self.tables.ablate(ablation)
         return self._ablated[ablation]
 
-    def grid_logits(self, state: ImageState, ablation: Ablation = Ablation()) -> torch.Tensor:
+    def grid_logits(self, state: ImageState, ablation: Ablation = NO_ABLATION) -> torch.Tensor:
         """(C, h, w) scores from the cached activations with ``ablation`` applied."""
         return self.tables_for(ablation).logits(state.activations)
 
-    def prediction(self, state: ImageState, ablation: Ablation = Ablation()) -> np.ndarray:
+    def prediction(self, state: ImageState, ablation: Ablation = NO_ABLATION) -> np.ndarray:
         """(H, W) labels: the grid scores upsampled bilinearly to the image (as ``predict``), then the argmax."""
         if ablation not in state.predictions:
             if len(state.predictions) > 8:
@@ -223,7 +224,8 @@ class ExploreSession:
             "changed_pixels": int(changed.sum()),
             "fraction": float(changed.mean()),
             "transitions": [
-                {"from": names[a], "to": names[b], "pixels": n} for (a, b), n in sorted(pairs.items(), key=lambda i: -i[1])
+                {"from": names[a], "to": names[b], "pixels": n}
+                for (a, b), n in sorted(pairs.items(), key=lambda i: -i[1])
             ],
         }
 
@@ -233,7 +235,7 @@ class ExploreSession:
         y: int,
         x: int,
         classes: list[int] | None = None,
-        ablation: Ablation = Ablation(),
+        ablation: Ablation = NO_ABLATION,
     ) -> dict[str, Any]:
         """The decision at the cell under pixel (y, x): scores of every class and the decomposition of the cell's
         predicted class plus ``classes``, with ``ablation`` applied."""
@@ -265,7 +267,7 @@ class ExploreSession:
             raise ExploreError(f"prototype {p} does not exist; expected 0..{self.tables.num_prototypes - 1}")
         return state.activations[p].numpy()
 
-    def group_map(self, state: ImageState, g: int, ablation: Ablation = Ablation()) -> np.ndarray:
+    def group_map(self, state: ImageState, g: int, ablation: Ablation = NO_ABLATION) -> np.ndarray:
         """(h, w) activation of group ``g`` on the grid (Eq. 2), with ``ablation``'s renormalised weights."""
         tables = self.tables_for(ablation)
         if not tables.grouped:
