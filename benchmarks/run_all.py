@@ -1,9 +1,10 @@
-"""Run the four speed/memory benchmarks (``make bench``) and print all their tables together at the end.
+"""Run the five speed/memory benchmarks (``make bench``) and print all their tables together at the end.
 
 1. ``bench_inference.py``: time per image and peak memory of the three systems; the head alone vs the per-class loop.
 2. ``bench_train_step.py``: stage 1 / stage 2 step time against a DeepLabv2 step.
 3. ``bench_diversity.py``: vectorised diversity loss vs the naive loop.
 4. ``bench_projection.py``: projection throughput and memory against the number of images.
+5. ``bench_explore.py``: response times of ``scaleprotoseg explore`` (open an image, click, switch a prototype off).
 
 Each runs in its own process (clean memory measurements) with ``--quick``, ``--device``, ``--threads`` and ``--out``
 passed through and ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (on a 2-core machine, OpenMP's active
@@ -33,6 +34,7 @@ BENCHMARKS = {  # name: (script, JSON file)
     "train_step": ("bench_train_step.py", "train_step.json"),
     "diversity": ("bench_diversity.py", "diversity.json"),
     "projection": ("bench_projection.py", "projection.json"),
+    "explore": ("bench_explore.py", "explore.json"),
 }
 
 

@@ -11,7 +11,7 @@ LAYER = {
     **dict.fromkeys(("losses", "models", "prototypes", "evaluation"), 1),  # models and what works on them
     "checkpoint": 2,  # checkpoints of models
     **dict.fromkeys(("engine", "predict", "export", "pretrained"), 3),  # training, inference, export and sharing
-    **dict.fromkeys(("explain", "analysis"), 4),  # explanations, analyses and reports
+    **dict.fromkeys(("explain", "analysis", "explore"), 4),  # explanations, analyses and reports
     **dict.fromkeys(("commands", "cli", "__main__", "__init__"), 5),  # the commands
 }
 

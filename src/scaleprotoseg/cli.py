@@ -20,6 +20,7 @@ VERBS = {
     "analyze": "interpretability metrics and analyses of a trained run",
     "report": "write a self-contained HTML report of a run",
     "export": "export a run's model: ONNX, TorchScript, torch.export program or a Hub directory",
+    "explore": "a local web app: why this class at this pixel, what if a prototype is removed",
 }
 
 

@@ -100,6 +100,16 @@ def test_projection_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert {"peak_slope_mb_per_image", "delta_slope_mb_per_image", "memory_flat"} <= set(data)
 
 
+def test_explore_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mod = _load("bench_explore")
+    out = mod.main(QUICK + ["--out", str(tmp_path), "--classes", "2"])
+    data = _check_common(out, tmp_path / "explore.json", capsys.readouterr().out, "explore")
+    (case,) = data["cases"]
+    assert case["classes"] == 2 and case["prototypes"] == 24 and case["groups"] == 6
+    assert all(case[k] > 0 for k in ("open_s", "click_s", "switch_off_s"))
+    assert len(data["targets"]) == 2 and all(isinstance(t["met"], bool) for t in data["targets"])
+
+
 def test_run_all_collects_tables(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

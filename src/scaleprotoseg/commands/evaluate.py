@@ -42,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="add the pixel-forest baseline (random forest on filter features; needs scikit-learn)",
     )
+    parser.add_argument(
+        "--without",
+        default=None,
+        metavar="P1,P2",
+        help="switch off prototypes (p3 or 3) and groups (g1) first, as `explore` does; results go to "
+        "eval/<stage>-<split>-without-<list> beside the unedited model's mIoU",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--debug", action="store_true")
 
@@ -60,6 +67,16 @@ def run(args: argparse.Namespace) -> int:
     device = dist_utils.resolve_device(args.device, info_dist)
     loaded = load_model(args.run, args.stage, device)
     model, cfg, info = loaded.model, loaded.config, loaded.meta
+    ablation = None
+    if args.without:
+        from scaleprotoseg.explore.decision import Ablation
+        from scaleprotoseg.explore.edits import apply_ablation
+
+        ablation = Ablation.parse(args.without)
+        if ablation.empty:
+            raise ValueError(f"--without {args.without!r}: names nothing; expected e.g. p3,p7,g1")
+        base_model = model
+        model = apply_ablation(model, ablation)[0]
     d = cfg.data
     if args.data_root:
         d.root = args.data_root
@@ -88,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     if not info_dist.is_main:
         return 0
     out = Path(args.out) if args.out else RunDir(args.run).eval_dir(args.stage, split)
+    if ablation is not None and not args.out:
+        out = out.with_name(f"{out.name}-without-{ablation.label()}")
     write_results(res, info.class_names, out)
     plot_confusion_matrix(res["matrix"], info.class_names, out / "confusion_matrix.png")
     plot_per_class_iou(res["iou"], info.class_names, out / "per_class_iou.png")
@@ -104,6 +123,23 @@ def run(args: argparse.Namespace) -> int:
         f"mIoU {100 * res['miou']:.2f}  pixel accuracy {100 * res['pixel_accuracy']:.2f}  "
         f"({res['num_images']} images, {split}, {args.stage or 'final'})"
     )
+    if ablation is not None:
+        base = evaluate(
+            base_model,
+            dataset,
+            num_classes=len(info.class_names),
+            ignore_index=info.ignore_index,
+            device=device,
+            inference=InferenceSettings.from_config(d, **changes),
+            max_samples=args.max_images,
+            progress=not args.no_progress,
+        )
+        summary.update(without=ablation.to_dict(), miou_unedited=base["miou"], miou_change=res["miou"] - base["miou"])
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(
+            f"without {ablation.label()}: mIoU {100 * res['miou']:.2f} vs {100 * base['miou']:.2f} unedited "
+            f"({100 * (res['miou'] - base['miou']):+.2f})"
+        )
     absent = [n for n, p in zip(info.class_names, res["present"]) if not p]
     if absent:
         print(f"absent from this split (not counted): {', '.join(absent)}")

@@ -193,7 +193,7 @@ class Trainer:
                 earlier = [n for n in names[:i] if n in completed]
                 if earlier:  # resuming, or --stages: start from the latest finished stage before this one
                     self.load_stage_checkpoint(earlier[-1])
-            results.append(self._run_stage(i, name, self.cfg.train.stages[name]))
+            results.append(self.run_stage(i, name, self.cfg.train.stages[name]))
             completed = [n for n in completed if n != name] + [name]
             if self.dist.is_main:
                 self.run.write_state({**self.run.read_state(), "completed": completed, "current": None})
@@ -229,7 +229,8 @@ class Trainer:
             ) from err
         return SummaryWriter(str(self.run.tensorboard))
 
-    def _run_stage(self, index: int, name: str, stage: StageConfig) -> StageResult:
+    def run_stage(self, index: int, name: str, stage: StageConfig) -> StageResult:
+        """Run one stage (seeded by its index), validate it and write its checkpoint."""
         torch.manual_seed(_stage_seed(self.cfg.train.seed, index))
         if self.dist.is_main:
             state = self.run.read_state()

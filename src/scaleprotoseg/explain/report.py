@@ -524,6 +524,37 @@ def _samples(
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
+def _edits(run: RunDir, split: str) -> str | None:
+    """The expert edits of the run (``scaleprotoseg explore``) with their measured effect, or ``None`` if none."""
+    from scaleprotoseg.explore.edits import list_edits
+
+    try:
+        edits = list_edits(run)
+    except ValueError as err:
+        return f'<p class="note">{esc(str(err))}</p>'
+    if not edits:
+        return None
+
+    def miou(stage: str | None) -> float | None:
+        data = _read_json(run.eval_dir(stage, split) / "summary.json", run.root)
+        return data.get("miou") if isinstance(data, dict) else None
+
+    rows = []
+    for e in edits:
+        removed = ", ".join([f"p{p}" for p in e.removed_prototypes] + [f"g{g}" for g in e.removed_groups])
+        after, before = miou(e.stage), miou(None if e.base == "final" else e.base)
+        if after is None:
+            effect = f"not evaluated (scaleprotoseg evaluate RUN --stage {e.stage})"
+        else:
+            effect = f"mIoU {100 * after:.2f}" + ("" if before is None else f" ({100 * (after - before):+.2f})")
+        if e.effect and "changed_fraction" in e.effect:
+            effect += f"; {100 * e.effect['changed_fraction']:.2f}% of {e.effect.get('image', 'the image')} changed"
+        cells = [e.stage, e.base, removed, e.author, e.reason, e.created, effect]
+        rows.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("stage", "from", "removed", "by", "why", "when", f"effect ({split})"))
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
 def build_report(
     run: str | Path,
     out_dir: str | Path | None = None,
@@ -555,6 +586,9 @@ def build_report(
         ("prototypes", "Prototypes and groups", _prototypes(run, predictor, out)),
         ("samples", "Explained images", _samples(run, predictor, out, images, inputs, val, why)),
     ]
+    edits = _edits(run, predictor.cfg.data.val_split)
+    if edits is not None:
+        sections.insert(4, ("edits", "Expert edits", edits))
     title = f"scaleprotoseg report: {run.root.resolve().name}"
     subtitle = (
         f"{predictor.info.method} · {predictor.cfg.model.backbone} · {predictor.cfg.data.name} · "
