@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import stat
 
 import pytest
 
@@ -123,3 +124,20 @@ def test_history_and_broken_state(tmp_path):
     with pytest.raises(RunDirError) as err:
         run.read_state()
     assert str(err.value).startswith(f"{run.state_file}: not valid JSON") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_and_swapped_dirs_follow_the_umask(tmp_path, umask):
+    """``mkstemp``/``mkdtemp`` make 0600/0700; what the run keeps (``final/``, JSON files) gets what the umask gives."""
+    from scaleprotoseg.rundir import fresh_dir
+
+    old = os.umask(umask)
+    try:
+        tmp = fresh_dir(tmp_path, ".final.tmp")
+        atomic_write_json(tmp / "meta.json", {"a": 1})
+        replace_dir(tmp, tmp_path / "final")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "final").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "final" / "meta.json").stat().st_mode) == 0o666 & ~umask
+    assert os.umask(old) == old  # the helpers left the process umask as it was

@@ -14,7 +14,6 @@ import hashlib
 import json
 import pickle
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -30,7 +29,7 @@ from scaleprotoseg.config import Config, load_config
 from scaleprotoseg.models.heads import PrototypeHead
 from scaleprotoseg.models.segmenter import Segmenter, build_model
 from scaleprotoseg.prototypes.projection import ProjectionResult
-from scaleprotoseg.rundir import FINAL, CheckpointDir, RunDir, replace_dir
+from scaleprotoseg.rundir import FINAL, CheckpointDir, RunDir, fresh_dir, replace_dir
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FORMAT = f"scaleprotoseg-checkpoint/{CHECKPOINT_VERSION}"
@@ -180,7 +179,7 @@ def write_checkpoint(
         directory.parent.mkdir(parents=True, exist_ok=True)
         for stale in directory.parent.glob(f".{directory.name}.tmp*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+        tmp = fresh_dir(directory.parent, f".{directory.name}.tmp")
         ckpt = CheckpointDir(tmp)
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(ckpt.weights))

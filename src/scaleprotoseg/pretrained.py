@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from scaleprotoseg import __version__
 from scaleprotoseg.checkpoint import CheckpointMeta, LoadedCheckpoint, load_model, load_weights
 from scaleprotoseg.config import Config, build_config, to_dict
 from scaleprotoseg.models.segmenter import Segmenter, build_model
-from scaleprotoseg.rundir import FINAL, RunDir, replace_dir
+from scaleprotoseg.rundir import FINAL, RunDir, fresh_dir, replace_dir
 
 PRETRAINED_FORMAT = "scaleprotoseg-pretrained/1"
 WEIGHTS = "model.safetensors"
@@ -77,7 +76,7 @@ def save_pretrained(
         loaded = load_model(run, stage, "cpu")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
+    tmp = fresh_dir(directory.parent, f".{directory.name}.tmp")
     try:
         weights = {k: v.detach().contiguous().cpu() for k, v in loaded.model.state_dict().items()}
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})

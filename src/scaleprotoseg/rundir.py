@@ -41,12 +41,28 @@ class RunLockedError(RuntimeError):
     """Another process works in the run directory; the message names its pid and host."""
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+def fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new, empty, uniquely named directory in ``parent`` with the permissions the umask gives (``mkdtemp`` would
+    make it 0700, and a directory swapped in from it, such as ``final/``, would keep that)."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    path.chmod(0o777 & ~_umask())
+    return path
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and ``os.replace`` so a reader never sees half of it."""
+    """Write a text file through a temporary file and ``os.replace`` so a reader never sees half of it; the file gets
+    the permissions the umask gives, as a plain ``open`` would."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

@@ -47,6 +47,7 @@ import numpy as np
 from scaleprotoseg.data.folder import write_classes_yaml, write_sample, write_split
 from scaleprotoseg.data.io import percentile_to_uint8, voc_colormap
 from scaleprotoseg.data.nifti import read_nifti
+from scaleprotoseg.rundir import fresh_dir
 from scaleprotoseg.thresholds import otsu_threshold
 
 PROVENANCE = "PROVENANCE.md"
@@ -345,7 +346,7 @@ class _Writer:
                 "or sample-set folder"
             )
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}-"))
+        self.tmp = fresh_dir(out_dir, f".{name}-")
         self.palette = palette
         self.set = SampleSet(name, self.final)
         write_classes_yaml(self.tmp, class_names, palette, ignore_index=255, name=name, description=description)

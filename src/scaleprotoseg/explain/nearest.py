@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from scaleprotoseg.explain import figures as F
 from scaleprotoseg.explain.resources import NearestGallery, PrototypeGallery
 from scaleprotoseg.explain.structure import prototype_head
 from scaleprotoseg.models.segmenter import unwrap
-from scaleprotoseg.rundir import RunDir, replace_dir
+from scaleprotoseg.rundir import RunDir, fresh_dir, replace_dir
 
 __all__ = [
     "export_final_nearest",
@@ -53,7 +52,7 @@ def export_final_nearest(run: str | Path | RunDir, *, device: torch.device | str
     final = run.checkpoint()
     if not final.projection.is_file():
         return None
-    tmp = Path(tempfile.mkdtemp(dir=final.path, prefix=".nearest.tmp"))
+    tmp = fresh_dir(final.path, ".nearest.tmp")
     try:
         loaded = load_model(run, None, device)
         data = loaded.config.data
