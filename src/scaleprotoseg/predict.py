@@ -102,7 +102,7 @@ class Predictor:
 
         settings = InferenceSettings.from_config(self.cfg.data)
         if settings.mode == "whole" and self.tiled(x.shape[-2], x.shape[-1]):
-            settings = dataclasses.replace(settings, mode="sliding", test_size=self.tile_size)
+            settings = dataclasses.replace(settings, mode="sliding", test_size=self.tile_size, tile_batch_size=1)
         return settings.logits(self.model, x.to(self.device))
 
     def tiled(self, height: int, width: int) -> bool:

@@ -16,9 +16,10 @@ complete file) for every train and val file, and the label values of a sample of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -298,28 +299,38 @@ def _strip_path(message: str, path: Path) -> str:
     return message[len(prefix) :] if message.startswith(prefix) else message
 
 
-def _check_pair(spec: FolderSpec, image_path: Path, mask_path: Path) -> tuple[list[Problem], np.ndarray | None]:
-    """Problems of one image/mask pair, and the mask (None when unreadable)."""
+def _read_pair(
+    image_path: Path, mask_path: Path, read_image_fn: Callable[[Path], Any], read_mask_fn: Callable[[Path], Any]
+) -> tuple[list[Problem], Any, Any]:
+    """Read an image and its mask with the given readers; problems name the file that failed (mask None then)."""
     problems: list[Problem] = []
-    image = None
+    image = mask = None
     try:
-        image = read_image(image_path)
+        image = read_image_fn(image_path)
     except (OSError, ValueError) as err:
         problems.append(Problem(str(image_path), _strip_path(str(err), image_path)))
     try:
-        label = read_label(mask_path)
+        mask = read_mask_fn(mask_path)
     except (OSError, ValueError) as err:
         problems.append(Problem(str(mask_path), _strip_path(str(err), mask_path)))
+    return problems, image, mask
+
+
+def _size_problem(mask_path: Path, image_path: Path, mask_wh: tuple[int, int], image_wh: tuple[int, int]) -> Problem:
+    return Problem(
+        str(mask_path),
+        f"label size {mask_wh[0]}x{mask_wh[1]} differs from image size {image_wh[0]}x{image_wh[1]} "
+        f"({image_path.name}); expected equal sizes (width x height)",
+    )
+
+
+def _check_pair(spec: FolderSpec, image_path: Path, mask_path: Path) -> tuple[list[Problem], np.ndarray | None]:
+    """Problems of one image/mask pair, and the mask (None when unreadable)."""
+    problems, image, label = _read_pair(image_path, mask_path, read_image, read_label)
+    if label is None:
         return problems, None
     if image is not None and label.shape != image.shape[:2]:
-        problems.append(
-            Problem(
-                str(mask_path),
-                f"label size {label.shape[1]}x{label.shape[0]} differs from image "
-                f"size {image.shape[1]}x{image.shape[0]} ({image_path.name}); "
-                "expected equal sizes (width x height)",
-            )
-        )
+        problems.append(_size_problem(mask_path, image_path, label.shape[::-1], image.shape[1::-1]))
     num = len(spec.class_names)
     bad = ((label < 0) | (label >= num)) & (label != spec.ignore_index)
     if bad.any():
@@ -353,16 +364,8 @@ def _spread(n: int, k: int) -> list[int]:
 def _header_pair(image_path: Path, mask_path: Path) -> list[Problem]:
     from scaleprotoseg.data.io import read_header
 
-    problems: list[Problem] = []
-    head = None
-    try:
-        head = read_header(image_path)
-    except (OSError, ValueError) as err:
-        problems.append(Problem(str(image_path), _strip_path(str(err), image_path)))
-    try:
-        mhead = read_header(mask_path)
-    except (OSError, ValueError) as err:
-        problems.append(Problem(str(mask_path), _strip_path(str(err), mask_path)))
+    problems, head, mhead = _read_pair(image_path, mask_path, read_header, read_header)
+    if mhead is None:
         return problems
     if mhead.channels != 1 or not (mhead.mode in _MASK_MODES or mhead.mode.startswith("tiff:")):
         problems.append(
@@ -373,13 +376,7 @@ def _header_pair(image_path: Path, mask_path: Path) -> list[Problem]:
             )
         )
     if head is not None and (head.width, head.height) != (mhead.width, mhead.height):
-        problems.append(
-            Problem(
-                str(mask_path),
-                f"label size {mhead.width}x{mhead.height} differs from image size {head.width}x{head.height} "
-                f"({image_path.name}); expected equal sizes (width x height)",
-            )
-        )
+        problems.append(_size_problem(mask_path, image_path, (mhead.width, mhead.height), (head.width, head.height)))
     return problems
 
 
