@@ -35,10 +35,10 @@ from common import (
     add_common_args,
     finish_args,
     markdown_table,
-    measure,
     measure_interleaved,
     parse_list,
     parse_size,
+    ratio_spread,
     report,
     verdict,
 )
@@ -127,6 +127,7 @@ def bench_models(args: argparse.Namespace) -> list[dict[str, Any]]:
                     **results[v],
                     **extra.get(v, {}),
                     "ratio_to_deeplabv2": results[v]["median_s"] / base,
+                    "ratio_iqr": ratio_spread(results[v], results["deeplabv2"]),
                 }
                 rows.append(r)
                 print(
@@ -267,10 +268,13 @@ def bench_head(args: argparse.Namespace) -> list[dict[str, Any]]:
                     f"head outputs differ ({num_classes} classes, {part}): max |ours - reference| = {max_diff:.3g} "
                     f"(max |reference| = {scale:.3g})"
                 )
-            with torch.no_grad():
-                r_ours = measure(fn_ours, args.device, args.head_repeats, args.warmup)
-                r_ref = measure(fn_ref, args.device, args.head_repeats, args.warmup)
+            with torch.no_grad():  # interleaved: a change of machine load affects both alike
+                timed = measure_interleaved(
+                    {"ours": fn_ours, "ref": fn_ref}, args.device, args.head_repeats, args.warmup
+                )
+            r_ours, r_ref = timed["ours"], timed["ref"]
             speedup = r_ref["median_s"] / r_ours["median_s"]
+            speedup_iqr = ratio_spread(r_ref, r_ours)
             rows.append(
                 {
                     "classes": num_classes,
@@ -281,6 +285,7 @@ def bench_head(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "ours_s": r_ours["median_s"],
                     "reference_s": r_ref["median_s"],
                     "speedup": speedup,
+                    "speedup_iqr": speedup_iqr,
                     "ours_peak_delta_mb": r_ours["delta_mb"],
                     "reference_peak_delta_mb": r_ref["delta_mb"],
                     "allclose": equal,
@@ -335,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "prototypes",
                     "s / image",
                     "x DeepLabv2",
+                    "per-round IQR",
                     "weights MB",
                     "peak MB",
                     "+MB in call",
@@ -348,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         r["prototypes"] or "-",
                         r["median_s"],
                         r["ratio_to_deeplabv2"],
+                        r["ratio_iqr"],
                         r["weights_mb"],
                         r["peak_mb"],
                         r["delta_mb"],
@@ -377,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "ours s",
                 "reference s",
                 "speedup",
+                "per-round IQR",
                 "allclose",
                 "max abs diff",
             ],
@@ -390,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     r["ours_s"],
                     r["reference_s"],
                     r["speedup"],
+                    r["speedup_iqr"],
                     r["allclose"],
                     r["max_abs_diff"],
                 ]

@@ -37,6 +37,7 @@ from common import (
     finish_args,
     markdown_table,
     measure_interleaved,
+    ratio_spread,
     report,
     verdict,
 )
@@ -168,6 +169,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for r in rows:
         r["ratio_to_deeplabv2"] = r["median_s"] / base
         r["ratio_to_stage1"] = r["median_s"] / stage1
+        r["iqr_to_deeplabv2"] = ratio_spread(r, rows[0])
+        r["iqr_to_stage1"] = ratio_spread(r, rows[1])
     return rows
 
 
@@ -212,7 +215,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
     ]
     table = markdown_table(
-        ["step", "trainable", "loss terms", "s / step", "x DeepLabv2", "x stage 1", "backbone graph", "peak MB", "+MB"],
+        [
+            "step",
+            "trainable",
+            "loss terms",
+            "s / step",
+            "x DeepLabv2",
+            "(per-round IQR)",
+            "x stage 1",
+            "(per-round IQR)",
+            "backbone graph",
+            "peak MB",
+            "+MB",
+        ],
         [
             [
                 r["step"],
@@ -220,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "+".join(r["losses"]),
                 r["median_s"],
                 r["ratio_to_deeplabv2"],
+                r["iqr_to_deeplabv2"],
                 r["ratio_to_stage1"],
+                r["iqr_to_stage1"],
                 r["backbone_output_requires_grad"],
                 r["peak_mb"],
                 r["delta_mb"],

@@ -248,6 +248,16 @@ def _summary(times: list[float], repeats: int, warmup: int) -> dict[str, Any]:
     }
 
 
+def ratio_spread(num: dict[str, Any], den: dict[str, Any]) -> str:
+    """The interquartile range of the per-round ratios ``num / den`` of two interleaved measurements ("q25-q75"), the
+    spread that goes with the ratio of their medians."""
+    ratios = sorted(a / b for a, b in zip(num["times_s"], den["times_s"]) if b > 0)
+    if not ratios:
+        return "-"
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return f"{q[0]:.3f}-{q[2]:.3f}"
+
+
 def measure_interleaved(
     fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
 ) -> dict[str, dict[str, Any]]:

@@ -1,17 +1,18 @@
-"""Run the five speed/memory benchmarks (``make bench``) and print all their tables together at the end.
+"""Run the six speed/memory benchmarks (``make bench``) and print all their tables together at the end.
 
 1. ``bench_inference.py``: time per image and peak memory of the three systems; the head alone vs the per-class loop.
 2. ``bench_train_step.py``: stage 1 / stage 2 step time against a DeepLabv2 step.
 3. ``bench_diversity.py``: vectorised diversity loss vs the naive loop.
 4. ``bench_projection.py``: projection throughput and memory against the number of images.
 5. ``bench_explore.py``: response times of ``scaleprotoseg explore`` (open an image, click, switch a prototype off).
+6. ``bench_predict_large.py``: peak memory and time of ``Predictor.predict`` on a 6000 x 6000 image (tiled).
 
 Each runs in its own process (clean memory measurements) with ``--quick``, ``--device``, ``--threads`` and ``--out``
 passed through and ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (on a 2-core machine, OpenMP's active
 waiting makes 2 threads several times slower than 1 as soon as anything else runs). Each writes its JSON into
 ``--out`` (default ``bench-results/``); the tables are read back from those files. ``--only`` picks some of them
 (e.g. ``--only diversity,projection``). A summary of every target is printed last and written to
-``<out>/summary.md``. On the 2-core CPU the full run takes about 15-25 minutes.
+``<out>/summary.md``. On the 2-core CPU the full run takes about 20-35 minutes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ BENCHMARKS = {  # name: (script, JSON file)
     "diversity": ("bench_diversity.py", "diversity.json"),
     "projection": ("bench_projection.py", "projection.json"),
     "explore": ("bench_explore.py", "explore.json"),
+    "predict_large": ("bench_predict_large.py", "predict_large.json"),
 }
 
 

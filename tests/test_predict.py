@@ -62,7 +62,13 @@ def test_tiled_prediction_is_the_sliding_window_mode(trained_runs):
     assert tiled.tiled(70, 90) and not tiled.tiled(40, 40) and not whole.tiled(70, 90)
     x = tiled.preprocess(image)
     with torch.no_grad():
-        sliding = predict_logits(tiled.model, x, mode="sliding", test_size=64)
-    assert torch.equal(tiled.logits(x), sliding)
+        sliding = predict_logits(tiled.model, x, mode="sliding", test_size=64, tile_batch_size=1)
+    batches = []
+    hook = tiled.model.backbone.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    try:
+        assert torch.equal(tiled.logits(x), sliding)
+    finally:
+        hook.remove()
+    assert batches and set(batches) == {1}  # one window per forward pass: memory bounded by one window
     same = tiled.predict(image) == whole.predict(image)
     assert same.mean() > 0.75 and same[20:50, 30:60].mean() > 0.9, (same.mean(), same[20:50, 30:60].mean())
