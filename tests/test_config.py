@@ -188,6 +188,7 @@ NUMERIC_CASES = [  # (key=value, key, value as the message shows it, expected ra
     ("loss.diversity=-0.25", "loss.diversity", "-0.25", "a finite number >= 0"),
     ("train.stages.pruning.prune_k=0", "train.stages.pruning.prune_k", "0", "an integer >= 1"),
     ("train.seed=-1", "train.seed", "-1", "an integer >= 0"),
+    ("data.ignore_index=-1", "data.ignore_index", "-1", "an integer >= 0 (usually 255)"),
 ]
 
 
@@ -208,3 +209,15 @@ def test_bad_yaml_in_set_and_non_utf8_files_are_config_errors(tmp_path):
     path.write_bytes("name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1.yaml: byte 9 is not UTF-8 text"):
         load_config(path)
+
+
+def test_ignore_index_must_lie_outside_the_classes(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["data.num_classes=3", "data.ignore_index=2"])
+    assert str(err.value) == (
+        f"{path}: data.ignore_index: 2 is out of range; expected an integer >= 0 outside the class indices 0..2 "
+        "(usually 255)"
+    )
+    assert load_config(path, ["data.num_classes=3", "data.ignore_index=3"]).data.ignore_index == 3

@@ -568,6 +568,14 @@ def _numeric_ranges(cfg: Config) -> list[tuple[str, Any, Any, str]]:
     d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
     rows: list[tuple[str, Any, Any, str]] = [
         ("data.num_classes", d.num_classes, *_COUNT),
+        (
+            "data.ignore_index",
+            d.ignore_index,
+            lambda v: v >= 0 and not 0 <= v < d.num_classes,
+            f"an integer >= 0 outside the class indices 0..{d.num_classes - 1} (usually 255)"
+            if d.num_classes
+            else "an integer >= 0 (usually 255)",
+        ),
         ("data.test_size", d.test_size, *_COUNT),
         ("data.batch_size", d.batch_size, *_POSITIVE_INT),
         ("data.val_batch_size", d.val_batch_size, *_POSITIVE_INT),
