@@ -33,8 +33,9 @@ VERBS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleprotoseg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-v: debug messages too)")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer messages (warnings and results only)")
+    from scaleprotoseg.commands.options import add_common
+
+    add_common(parser)  # also accepted after the verb: each verb's parser gets them too
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, help_text in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)

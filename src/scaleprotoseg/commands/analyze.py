@@ -19,6 +19,7 @@ from scaleprotoseg.commands.options import (
     add_progress,
     add_stage,
     apply_run_overrides,
+    check_run_overrides,
     print_config,
     run_config,
 )
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         return _aggregate(args.metrics, Path(args.out or AGGREGATE))
     if args.print_config:
         return print_config(run_config(args.run, args.stage, args.overrides))
+    check_run_overrides(args.overrides)
     unknown = [m for m in args.metrics if m not in (*METRICS, "all")]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; expected any of {', '.join(METRICS)} or all")

@@ -17,6 +17,7 @@ from scaleprotoseg.commands.options import (
     add_inference_options,
     add_stage,
     apply_run_overrides,
+    check_run_overrides,
     inference_settings,
     print_config,
     run_config,
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.print_config:
         return print_config(run_config(args.run, args.stage, args.overrides))
+    check_run_overrides(args.overrides)
     require_input_output(args, "explain", "IMAGE|DIR")
     src, out = Path(args.input), Path(args.output)
     files = list_images(src)

@@ -124,12 +124,9 @@ def inference_settings(args: argparse.Namespace, data_cfg: DataConfig) -> Infere
     return settings
 
 
-def apply_run_overrides(cfg: Config, overrides: list[str], source: str) -> Config:
-    """``cfg`` (a trained run's) with ``--set data.*`` values applied; other keys are refused (the weights fix the
-    model, the run fixes its training)."""
-    if not overrides:
-        return cfg
-    from scaleprotoseg.config import ConfigError, apply_overrides, build_config, to_dict
+def check_run_overrides(overrides: list[str]) -> None:
+    """Refuse a ``--set`` on a trained run that names anything but a ``data.*`` key (before any work is done)."""
+    from scaleprotoseg.config import ConfigError
 
     for item in overrides:
         if not item.split("=", 1)[0].strip().startswith("data."):
@@ -137,6 +134,16 @@ def apply_run_overrides(cfg: Config, overrides: list[str], source: str) -> Confi
                 f"--set {item!r}: a trained run's model and training are fixed; expected a data.* key "
                 "(e.g. data.root=DIR, data.test_mode=sliding)"
             )
+
+
+def apply_run_overrides(cfg: Config, overrides: list[str], source: str) -> Config:
+    """``cfg`` (a trained run's) with ``--set data.*`` values applied; other keys are refused (the weights fix the
+    model, the run fixes its training)."""
+    check_run_overrides(overrides)
+    if not overrides:
+        return cfg
+    from scaleprotoseg.config import apply_overrides, build_config, to_dict
+
     changed = build_config(apply_overrides(to_dict(cfg), overrides), f"{source} with --set")
     cfg.data = changed.data
     return cfg

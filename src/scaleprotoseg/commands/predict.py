@@ -18,6 +18,7 @@ from scaleprotoseg.commands.options import (
     add_progress,
     add_stage,
     apply_run_overrides,
+    check_run_overrides,
     inference_settings,
     print_config,
     run_config,
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.print_config:
         return print_config(run_config(args.run, args.stage, args.overrides))
+    check_run_overrides(args.overrides)
     require_input_output(args, "predict", "IMAGE|DIR")
     src = Path(args.input)
     files = list_images(src)
