@@ -17,6 +17,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
+from scaleprotoseg.commands.options import add_common  # argparse only: --help stays fast
+
 VERBS = {
     "data": "check data folders and build the real sample datasets",
     "train": "train a model through all its stages (resumable)",
@@ -33,8 +35,6 @@ VERBS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleprotoseg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
-    from scaleprotoseg.commands.options import add_common
-
     add_common(parser)  # also accepted after the verb: each verb's parser gets them too
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, help_text in VERBS.items():
@@ -62,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         # Before OpenMP starts: idle OpenMP threads sleep instead of spinning, so a run on a busy machine (another job,
         # data-loader workers) does not slow down several-fold. Set OMP_WAIT_POLICY yourself to choose otherwise.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from scaleprotoseg.commands.options import add_common
-
     module = importlib.import_module(f"scaleprotoseg.commands.{verb}")
     verb_parser = argparse.ArgumentParser(prog=f"scaleprotoseg {verb}", description=VERBS[verb])
     module.add_arguments(verb_parser)
