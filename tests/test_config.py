@@ -262,3 +262,27 @@ def test_relative_paths_are_read_against_the_config_file_then_the_current_direct
     (message,) = [r.getMessage() for r in caplog.records]
     assert message.startswith(f"{path}: data.root 'data/nowhere' exists neither beside the config file")
     assert str(configs / "data" / "nowhere") in message and str(tmp_path / "cwd" / "data" / "nowhere") in message
+
+
+def test_a_copied_config_finds_its_base_beside_it_here_or_in_the_shipped_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a directory without configs/
+    alone = tmp_path / "mine" / "nuclei.yaml"
+    alone.parent.mkdir()
+    alone.write_text("base: _cpu_scaleprotoseg.yaml\nname: mine\n")  # a sample config copied without its base file
+    with pytest.raises(FileNotFoundError) as err:
+        load_config(alone)
+    assert str(err.value) == (
+        f"{alone}: base '_cpu_scaleprotoseg.yaml' exists neither beside it ({alone.parent / '_cpu_scaleprotoseg.yaml'})"
+        f" nor in the current directory ({tmp_path / '_cpu_scaleprotoseg.yaml'}); expected the config it extends "
+        "(a shipped one: base: configs/samples/NAME.yaml)"
+    )
+    shipped = Path(__file__).parents[1] / "configs" / "samples" / "_cpu_scaleprotoseg.yaml"
+    expected = to_dict(load_config(shipped, ["name=mine"]))
+    alone.write_text("base: configs/samples/_cpu_scaleprotoseg.yaml\nname: mine\n")
+    assert to_dict(load_config(alone)) == expected  # the package's copy of configs/samples
+    (alone.parent / "_cpu_scaleprotoseg.yaml").write_text("base: configs/samples/_cpu_scaleprotoseg.yaml\n")
+    alone.write_text("base: _cpu_scaleprotoseg.yaml\nname: mine\ntrain: {seed: 7}\n")  # a base file beside it
+    assert to_dict(load_config(alone)) == {**expected, "train": {**expected["train"], "seed": 7}}
+    alone.write_text("base: 3\n")
+    with pytest.raises(ConfigError, match=r"nuclei.yaml: base: 3; expected the file name"):
+        load_config(alone)

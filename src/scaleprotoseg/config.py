@@ -475,8 +475,26 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def find_base(path: Path, base: Any) -> Path:
+    """The file ``base: <base>`` of config ``path`` names: beside ``path``, else as :func:`resolve_config_path` finds
+    it (the current directory; ``configs/...`` also in the configs the package ships, so a copied config can extend
+    a shipped one from anywhere)."""
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: {base!r}; expected the file name of the config this one extends")
+    beside = path.parent / base
+    if beside.is_file():
+        return beside.resolve()
+    found = resolve_config_path(base)
+    if found.is_file():
+        return found.resolve()
+    raise FileNotFoundError(
+        f"{path}: base {base!r} exists neither beside it ({_absolute(beside)}) nor in the current directory "
+        f"({_absolute(Path(base))}); expected the config it extends (a shipped one: base: configs/samples/NAME.yaml)"
+    )
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config; a top-level ``base: other.yaml`` (relative to this file) is merged underneath."""
+    """Read a YAML config; a top-level ``base: other.yaml`` (:func:`find_base`) is merged underneath."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -493,7 +511,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     resolve_paths(data, path)
     base = data.pop("base", None)
     if base is not None:
-        base_path = (path.parent / base).resolve()
+        base_path = find_base(path, base)
         if base_path in seen:
             raise ConfigError(f"{path}: circular base {base_path}")
         data = _merge(_read_yaml(base_path, (*seen, base_path)), data)
