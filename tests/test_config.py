@@ -221,3 +221,81 @@ def test_ignore_index_must_lie_outside_the_classes(tmp_path):
         "(usually 255)"
     )
     assert load_config(path, ["data.num_classes=3", "data.ignore_index=3"]).data.ignore_index == 3
+
+
+def test_numbers_are_read_as_yaml_1_2_in_files_and_set(tmp_path):
+    """``1e-4`` is a float (YAML 1.1 reads it as a string), ``010`` ten, ``1:30`` a string; PyYAML's own loader is
+    left as it is."""
+    import yaml
+
+    from scaleprotoseg.config import yaml_load
+
+    path = tmp_path / "run.yaml"
+    path.write_text("loss:\n  l1_proto: 1e-5\ntrain:\n  stages:\n    joint: {lr: {backbone: 2E-5}, steps: 010}\n")
+    cfg = load_config(path, ["train.stages.warmup.lr.aspp=1e-4", "loss.entropy=5e-2"])
+    assert cfg.loss.l1_proto == 1e-5 and cfg.train.stages["joint"].lr["backbone"] == 2e-5
+    assert cfg.train.stages["joint"].steps == 10 and cfg.train.stages["warmup"].lr["aspp"] == 1e-4
+    assert cfg.loss.entropy == 0.05
+    assert yaml_load("[1e-4, -2.5E+3, .5, 1., 0o17, 0x1f, 1:30, 1_000, .inf, yes, null]") == [
+        1e-4,
+        -2500.0,
+        0.5,
+        1.0,
+        15,
+        31,
+        "1:30",
+        "1_000",
+        float("inf"),
+        True,
+        None,
+    ]
+    assert yaml.safe_load("1e-4") == "1e-4" and yaml.safe_load("010") == 8  # SafeLoader unchanged
+
+
+def test_relative_paths_are_read_against_the_config_file_then_the_current_directory(tmp_path, monkeypatch, caplog):
+    (tmp_path / "project" / "configs" / "data" / "beside").mkdir(parents=True)
+    (tmp_path / "cwd" / "data" / "here").mkdir(parents=True)
+    (tmp_path / "project" / "weights.pth").write_text("")
+    monkeypatch.chdir(tmp_path / "cwd")
+    configs = tmp_path / "project" / "configs"
+    (configs / "_base.yaml").write_text("model: {pretrained: ../weights.pth}\n")
+    path = configs / "a.yaml"
+    path.write_text("base: _base.yaml\ndata: {root: data/beside}\n")
+    cfg = load_config(path)
+    assert cfg.data.root == str(configs / "data" / "beside")  # beside the file that states it
+    assert cfg.model.pretrained == str(tmp_path / "project" / "weights.pth")  # the base file's own folder
+    path.write_text("data: {root: data/here}\nmodel: {pretrained: package}\n")
+    cfg = load_config(path)
+    assert cfg.data.root == str(tmp_path / "cwd" / "data" / "here")  # not beside it: the current directory's
+    assert cfg.model.pretrained == "package"  # a word, not a path
+    assert load_config(path, ["data.root=typed"]).data.root == str(tmp_path / "cwd" / "typed")  # --set: typed here
+    path.write_text("data: {root: data/nowhere}\n")
+    with caplog.at_level("WARNING", logger="scaleprotoseg.config"):
+        assert load_config(path).data.root == "data/nowhere"  # kept as written
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"{path}: data.root 'data/nowhere' exists neither beside the config file")
+    assert str(configs / "data" / "nowhere") in message and str(tmp_path / "cwd" / "data" / "nowhere") in message
+
+
+def test_a_copied_config_finds_its_base_beside_it_here_or_in_the_shipped_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a directory without configs/
+    alone = tmp_path / "mine" / "nuclei.yaml"
+    alone.parent.mkdir()
+    alone.write_text("base: _cpu_scaleprotoseg.yaml\nname: mine\n")  # a sample config copied without its base file
+    with pytest.raises(FileNotFoundError) as err:
+        load_config(alone)
+    assert str(err.value) == (
+        f"{alone}: base '_cpu_scaleprotoseg.yaml' exists neither beside it ({alone.parent / '_cpu_scaleprotoseg.yaml'})"
+        f" nor in the current directory ({tmp_path / '_cpu_scaleprotoseg.yaml'}); expected the config it extends "
+        "(a shipped one: base: configs/samples/NAME.yaml)"
+    )
+    shipped = Path(__file__).parents[1] / "configs" / "samples" / "_cpu_scaleprotoseg.yaml"
+    expected = to_dict(load_config(shipped, ["name=mine"]))
+    alone.write_text("base: configs/samples/_cpu_scaleprotoseg.yaml\nname: mine\n")
+    assert to_dict(load_config(alone)) == expected  # the package's copy of configs/samples
+    (alone.parent / "_cpu_scaleprotoseg.yaml").write_text("base: configs/samples/_cpu_scaleprotoseg.yaml\n")
+    alone.write_text("base: _cpu_scaleprotoseg.yaml\nname: mine\ntrain: {seed: 7}\n")  # a base file beside it
+    assert to_dict(load_config(alone)) == {**expected, "train": {**expected["train"], "seed": 7}}
+    alone.write_text("base: 3\n")
+    with pytest.raises(ConfigError, match=r"nuclei.yaml: base: 3; expected the file name"):
+        load_config(alone)

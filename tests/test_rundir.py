@@ -27,6 +27,7 @@ def test_run_paths(tmp_path):
     assert run.env == root / "env.json"
     assert run.state_file == root / "state.json"
     assert run.metrics == root / "metrics.jsonl"
+    assert run.train_log == root / "train.log"
     assert run.baselines == root / "baselines.json"
     assert run.tensorboard == root / "tensorboard"
     assert run.legacy_projection == root / "projection.json"

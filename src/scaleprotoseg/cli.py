@@ -1,15 +1,23 @@
 """Command-line entry point: ``scaleprotoseg VERB ...`` (also ``python -m scaleprotoseg``).
 
 Each verb lives in its own module under :mod:`scaleprotoseg.commands`, which defines ``add_arguments(parser)`` and
-``run(args) -> int``; this file only dispatches, importing a verb's module when it is used.
+``run(args) -> int``; this file only dispatches, importing a verb's module when it is used, and sets up the messages:
+the package's loggers (``logging.getLogger(__name__)`` in each module) go to the console through one handler, set up
+here for the length of a command (``-v`` adds debug messages, ``-q`` keeps warnings and results), and stdout is line
+buffered so that a redirected log fills as the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+from scaleprotoseg.commands.options import add_common  # argparse only: --help stays fast
 
 VERBS = {
     "data": "check data folders and build the real sample datasets",
@@ -27,6 +35,7 @@ VERBS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleprotoseg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
+    add_common(parser)  # also accepted after the verb: each verb's parser gets them too
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, help_text in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
@@ -56,19 +65,73 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"scaleprotoseg.commands.{verb}")
     verb_parser = argparse.ArgumentParser(prog=f"scaleprotoseg {verb}", description=VERBS[verb])
     module.add_arguments(verb_parser)
+    add_common(verb_parser)
     idx = argv.index(verb)
     args = verb_parser.parse_args(argv[:idx] + argv[idx + 1 :])
+    _line_buffered(sys.stdout)
+    with console_logging(log_level(getattr(args, "verbose", 0) or 0, getattr(args, "quiet", 0) or 0)):
+        try:
+            return int(module.run(args) or 0)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except (ValueError, OSError, RuntimeError, MemoryError) as err:
+            # errors a user can cause (bad values, files, out of memory): one line; --debug keeps the traceback
+            if getattr(args, "debug", False):
+                raise
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            return 1
+
+
+LOGGER = "scaleprotoseg"  # the package's loggers are its children
+
+
+def log_level(verbose: int, quiet: int) -> int:
+    """INFO by default; each ``-v`` one level lower (DEBUG), each ``-q`` one higher (WARNING, ERROR)."""
+    return min(max(logging.INFO + 10 * (quiet - verbose), logging.DEBUG), logging.CRITICAL)
+
+
+class ConsoleHandler(logging.Handler):
+    """Messages below WARNING to stdout as written (the text the commands printed before they logged), warnings and
+    errors to stderr as ``warning: ...``; the streams are looked up at each message and flushed after it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                stream, text = sys.stderr, f"{record.levelname.lower()}: {text}"
+            else:
+                stream = sys.stdout
+            stream.write(text + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def console_logging(level: int) -> Iterator[logging.Handler]:
+    """Send the package's messages of ``level`` and above to the console for the length of a command; the package
+    logger itself passes debug messages on, so that a file handler (the run's ``train.log``) gets them all."""
+    logger = logging.getLogger(LOGGER)
+    handler = ConsoleHandler(level)
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # a root handler set up by an embedding program would print every message twice
     try:
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError, MemoryError) as err:
-        # errors a user can cause (bad values, files, out of memory): one line; --debug keeps the traceback
-        if getattr(args, "debug", False):
-            raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 1
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def _line_buffered(stream: object) -> None:
+    """A stdout redirected to a file is block buffered: make it flush at each line so the file fills as we run."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None and not getattr(stream, "line_buffering", True):
+        with suppress(ValueError, OSError):  # e.g. a stream that cannot change any more
+            reconfigure(line_buffering=True)
 
 
 def _one_line(err: BaseException) -> str:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("scaleprotoseg", "protoseg", "deeplabv2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -350,12 +355,93 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # Overrides and files
 
 
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with the numbers of YAML 1.2 (core schema): ``1e-4`` and ``1E5`` are floats (YAML 1.1
+    reads a float without a dot as a string), ``010`` is ten and ``0o10`` eight, ``1:30`` is a string, not 90.
+    Booleans, null and everything else are read as by :class:`yaml.SafeLoader`."""
+
+    # fresh lists: add_implicit_resolver would append to the lists SafeLoader shares with every other loader
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_FLOAT_TAG, _INT_TAG)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_12 = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node))
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
+YamlLoader.add_implicit_resolver(_INT_TAG, _INT_12, list("-+0123456789"))
+YamlLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_12, list("-+0123456789."))
+YamlLoader.add_constructor(_INT_TAG, _construct_int)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with :class:`YamlLoader` (YAML 1.2 numbers); config files and ``--set`` values use it."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    return yaml_load(text) if text != "" else ""
+
+
+# Config values that are paths; a relative one is read against the file that states it (see resolve_paths).
+PATH_KEYS = ("data.root", "model.pretrained")
+_PATH_WORDS = {"model.pretrained": ("package",)}  # values of a path key that are not paths
+
+
+def _absolute(path: Path) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
+def resolve_paths(data: dict[str, Any], config_file: str | Path | None) -> dict[str, Any]:
+    """Make the relative paths of :data:`PATH_KEYS` in ``data`` (one file's mapping, or ``--set`` values when
+    ``config_file`` is None) absolute, in place: the path beside ``config_file`` when it exists, else the one in the
+    current directory when it exists (configs written for the repository root, e.g. ``configs/samples``). When
+    neither exists the value stays as written (the current directory's) and a warning names both places; a
+    ``--set`` value is read against the current directory. Returns ``data``."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        node = data.get(section)
+        value = node.get(name) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or value in _PATH_WORDS.get(key, ()) or Path(value).is_absolute():
+            continue
+        here = Path.cwd() / value
+        if config_file is None:
+            node[name] = _absolute(here)
+            continue
+        beside = Path(config_file).parent / value
+        found = next((p for p in (beside, here) if p.exists()), None)
+        if found is not None:
+            node[name] = _absolute(found)
+        else:
+            logger.warning(
+                "%s: %s %r exists neither beside the config file (%s) nor in the current directory (%s); "
+                "expected one of them (the current directory's is used)",
+                config_file,
+                key,
+                value,
+                _absolute(beside),
+                _absolute(here),
+            )
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a plain mapping; returns a new mapping."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML 1.2) to a plain mapping; returns a new mapping. A
+    relative path of :data:`PATH_KEYS` is made absolute against the current directory (where it was typed)."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
@@ -374,6 +460,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(
                 f"--set {item!r}: the value is not valid YAML ({problem}); expected e.g. 3, 0.1, [1, 2]"
             ) from None
+        if len(parts) == 2 and ".".join(parts) in PATH_KEYS:
+            node.update(resolve_paths({parts[0]: {parts[1]: node[parts[1]]}}, None)[parts[0]])
     return data
 
 
@@ -387,13 +475,31 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def find_base(path: Path, base: Any) -> Path:
+    """The file ``base: <base>`` of config ``path`` names: beside ``path``, else as :func:`resolve_config_path` finds
+    it (the current directory; ``configs/...`` also in the configs the package ships, so a copied config can extend
+    a shipped one from anywhere)."""
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: {base!r}; expected the file name of the config this one extends")
+    beside = path.parent / base
+    if beside.is_file():
+        return beside.resolve()
+    found = resolve_config_path(base)
+    if found.is_file():
+        return found.resolve()
+    raise FileNotFoundError(
+        f"{path}: base {base!r} exists neither beside it ({_absolute(beside)}) nor in the current directory "
+        f"({_absolute(Path(base))}); expected the config it extends (a shipped one: base: configs/samples/NAME.yaml)"
+    )
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config; a top-level ``base: other.yaml`` (relative to this file) is merged underneath."""
+    """Read a YAML config; a top-level ``base: other.yaml`` (:func:`find_base`) is merged underneath."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"{path}: byte {err.start} is not UTF-8 text ({err.reason}); expected a UTF-8 YAML file"
@@ -402,9 +508,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    resolve_paths(data, path)
     base = data.pop("base", None)
     if base is not None:
-        base_path = (path.parent / base).resolve()
+        base_path = find_base(path, base)
         if base_path in seen:
             raise ConfigError(f"{path}: circular base {base_path}")
         data = _merge(_read_yaml(base_path, (*seen, base_path)), data)

@@ -8,6 +8,11 @@ came from give the same labels: uint8 as is; bool as 0/255; uint16 (and other in
 of their type (x * 255 / 65535, the bit depth of a 16-bit file); floats in [0, 1] times 255, floats in (1, 255] as
 0..255. Float arrays with values outside [0, 255], or without a finite value, are refused.
 
+The test-time settings are the run's (its data section: ``test_mode``, ``test_size``, multi-scale inputs) unless an
+:class:`~scaleprotoseg.evaluation.inference.InferenceSettings` is given (``inference=``; the command line's
+``--mode``, ``--test-size``, ``--msc``, ``--msc-fusion``, ``--flip``). The device is chosen as the command line
+chooses it (``auto``: the GPU when there is one).
+
 Large images are predicted in tiles: with the ``whole`` test mode, an image of more than ``tile_above`` pixels is
 predicted with overlapping ``tile_size`` windows whose logits are averaged (the ``sliding`` mode of
 :func:`~scaleprotoseg.evaluation.inference.predict_logits`), so the network's memory stays bounded by the window.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +32,9 @@ from scaleprotoseg.config import Config
 from scaleprotoseg.engine.distributed import resolve_device
 from scaleprotoseg.models.heads import ModelOutput
 from scaleprotoseg.models.segmenter import Segmenter
+
+if TYPE_CHECKING:
+    from scaleprotoseg.evaluation.inference import InferenceSettings
 
 TILE_SIZE = 1024  # window side of tiled prediction
 TILE_ABOVE = 2048 * 2048  # images with more pixels are predicted in tiles (whole test mode)
@@ -45,6 +54,7 @@ class Predictor:
         *,
         tile_size: int = TILE_SIZE,
         tile_above: int = TILE_ABOVE,
+        inference: InferenceSettings | None = None,
     ) -> None:
         self.model, self.cfg, self.info, self.device = model, cfg, info, device
         self.run_dir = run_dir  # the run the weights came from (its final/ holds prototype patches)
@@ -53,22 +63,44 @@ class Predictor:
             raise ValueError(f"tile_size {tile_size}, tile_above {tile_above}: expected values >= 0 (0: no tiling)")
         self.tile_size = tile_size  # window side for images above tile_above pixels (0: never tile)
         self.tile_above = tile_above
+        self._inference = inference  # None: the config's data section (read at each call)
+
+    @property
+    def inference(self) -> InferenceSettings:
+        """The test-time settings: those given to the constructor, else the config's (``data.test_mode``, ...)."""
+        from scaleprotoseg.evaluation.inference import InferenceSettings
+
+        return self._inference if self._inference is not None else InferenceSettings.from_config(self.cfg.data)
+
+    @inference.setter
+    def inference(self, settings: InferenceSettings | None) -> None:
+        self._inference = settings
 
     @classmethod
     def from_run(
         cls,
         run: str | Path,
         stage: str | None = None,
-        device: str = "cpu",
+        device: str = "auto",
         *,
         tile_size: int = TILE_SIZE,
         tile_above: int = TILE_ABOVE,
+        inference: InferenceSettings | None = None,
     ) -> Predictor:
-        """The model of ``final/`` (or of ``stage``'s checkpoint) of ``run`` on ``device`` (``auto``, ``cpu``, ...)."""
+        """The model of ``final/`` (or of ``stage``'s checkpoint) of ``run`` on ``device`` (``auto``: the GPU when
+        there is one, as on the command line; ``cpu``, ``cuda``, ``cuda:N``)."""
         dev = resolve_device(device)
         loaded = load_model(run, stage, dev)
         return cls(
-            loaded.model, loaded.config, loaded.meta, dev, Path(run), stage, tile_size=tile_size, tile_above=tile_above
+            loaded.model,
+            loaded.config,
+            loaded.meta,
+            dev,
+            Path(run),
+            stage,
+            tile_size=tile_size,
+            tile_above=tile_above,
+            inference=inference,
         )
 
     @property
@@ -97,17 +129,15 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-resolution class scores (B, C, H, W) for a normalised batch, with the config's test mode."""
-        from scaleprotoseg.evaluation.inference import InferenceSettings
-
-        settings = InferenceSettings.from_config(self.cfg.data)
+        """Full-resolution class scores (B, C, H, W) for a normalised batch, with :attr:`inference`'s settings."""
+        settings = self.inference
         if settings.mode == "whole" and self.tiled(x.shape[-2], x.shape[-1]):
             settings = dataclasses.replace(settings, mode="sliding", test_size=self.tile_size, tile_batch_size=1)
         return settings.logits(self.model, x.to(self.device))
 
     def tiled(self, height: int, width: int) -> bool:
         """Whether an image of this size is predicted in tiles (``whole`` test mode only; see the module docstring)."""
-        return self.cfg.data.test_mode == "whole" and self.tile_size > 0 and height * width > self.tile_above
+        return self.inference.mode == "whole" and self.tile_size > 0 and height * width > self.tile_above
 
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Label maps (B, H, W) for a normalised batch (the same path ``evaluate`` takes)."""

@@ -2,7 +2,7 @@
 
 Layout (``runs/<name>/``)::
 
-    config.yaml  env.json  state.json  metrics.jsonl  history.jsonl  baselines.json  tensorboard/  .lock
+    config.yaml  env.json  state.json  metrics.jsonl  history.jsonl  train.log  baselines.json  tensorboard/  .lock
     checkpoints/<stage>/           a finished stage: model.safetensors, meta.json, projection.json[, train_state.pt]
     checkpoints/<stage>/partial/   a mid-stage checkpoint (the same files, with train_state.pt)
     final/                         the run's model: the files of a checkpoint, config.yaml, prototypes/, nearest/
@@ -235,6 +235,11 @@ class RunDir:
     @property
     def history(self) -> Path:
         return self.root / "history.jsonl"
+
+    @property
+    def train_log(self) -> Path:
+        """The messages of ``scaleprotoseg train`` (appended by each start and resume)."""
+        return self.root / "train.log"
 
     @property
     def lock_file(self) -> Path:

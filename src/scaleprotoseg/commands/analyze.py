@@ -7,10 +7,24 @@ Tables 1, 3-6 and 10 (:mod:`scaleprotoseg.analysis.aggregate`)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from scaleprotoseg.analysis.runner import METRICS
+from scaleprotoseg.commands.options import (
+    add_config_options,
+    add_data_root,
+    add_device,
+    add_progress,
+    add_stage,
+    apply_run_overrides,
+    check_run_overrides,
+    print_config,
+    run_config,
+)
+
+logger = logging.getLogger(__name__)
 
 AGGREGATE = "aggregate"
 
@@ -29,10 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="dataset split (default: the config's validation split; equivariance: its train split)",
     )
-    parser.add_argument("--data-root", default=None, help="dataset root (default: the config's data.root)")
+    add_data_root(parser)
     parser.add_argument("--max-images", type=int, default=0, help="use only the first N images (0: all)")
-    parser.add_argument("--stage", default=None, help="analyse this stage's checkpoint instead of final/")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_stage(parser)
+    add_device(parser)
     parser.add_argument(
         "--parts-dataset",
         default=None,
@@ -55,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-std", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: data.num_workers)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN/analysis; aggregate: ./aggregate)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--debug", action="store_true")
+    add_config_options(parser)
+    add_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.run == AGGREGATE and not (Path(AGGREGATE) / "config.yaml").is_file():  # not a run named 'aggregate'
         return _aggregate(args.metrics, Path(args.out or AGGREGATE))
+    if args.print_config:
+        return print_config(run_config(args.run, args.stage, args.overrides))
+    check_run_overrides(args.overrides)
     unknown = [m for m in args.metrics if m not in (*METRICS, "all")]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; expected any of {', '.join(METRICS)} or all")
@@ -92,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
     )
     analyzer = Analyzer(args.run, resolve_device(args.device), options)
+    analyzer.cfg = apply_run_overrides(analyzer.cfg, args.overrides, args.run)
     out = Path(args.out) if args.out else RunDir(args.run).analysis
     failed = []
     for metric, result in analyzer.run_metrics(metrics):
@@ -100,12 +118,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{metric}: error: {result}", file=sys.stderr)
                 failed.append(metric)
             else:
-                print(f"{metric}: skipped ({analyzer.info.method} run): {result}")
+                logger.info("%s: skipped (%s run): %s", metric, analyzer.info.method, result)
             continue
         paths = write_result(result, out)
         print(f"\n{result.title}")
         print(format_table(result.columns, result.rows))
-        print(f"-> {', '.join(str(p) for p in paths.values())}")
+        logger.info("-> %s", ", ".join(str(p) for p in paths.values()))
     return 1 if failed else 0
 
 
@@ -117,5 +135,5 @@ def _aggregate(runs: list[str], out: Path) -> int:
     paths = write_aggregate(records, out)
     for table in build_tables(records):
         print(table_markdown(table) + "\n")
-    print(f"-> {paths['tables']} ({len(records)} runs)")
+    logger.info("-> %s (%d runs)", paths["tables"], len(records))
     return 0

@@ -12,12 +12,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
+from scaleprotoseg.commands.options import add_common, add_progress
+
+logger = logging.getLogger(__name__)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
 
@@ -41,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="config override (with a config file), e.g. data.root=/data/voc",
     )
-    check.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (files merged, --set applied, paths absolute) as YAML and exit",
+    )
+    add_progress(check)
     check.add_argument(
         "--lenient",
         action="store_true",
@@ -80,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init.add_argument("--ignore-index", type=int, default=255, help="mask value of void pixels (default 255)")
     init.add_argument("--overwrite", action="store_true", help="replace an existing classes.yaml and split files")
     init.add_argument("--no-check", action="store_true", help="skip the data check of the folder")
+    for action in (check, samples, prep, init):
+        add_common(action, suppress=True)  # also after the action: data check X --debug
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,10 +111,16 @@ def _run_check(args: argparse.Namespace) -> int:
     from scaleprotoseg.data.check import run_check
 
     target = Path(args.target)
-    if args.set:
+    if args.set or args.print_config:
         from scaleprotoseg.config import load_config
 
+        if target.is_dir() or target.name == "classes.yaml":
+            raise ValueError(f"{target}: --set and --print-config need a config file; expected a config YAML file")
         target = load_config(target, args.set)  # type: ignore[assignment]
+        if args.print_config:
+            from scaleprotoseg.commands.options import print_config
+
+            return print_config(target)  # type: ignore[arg-type]
     report = run_check(target, splits=args.split, progress=not args.no_progress)
     for problem in report.problems:
         print(problem)
@@ -125,7 +142,7 @@ def _run_samples(args: argparse.Namespace) -> int:
     sets = build_samples(Path(args.out), names=args.only, cache_dir=args.cache_dir)
     failed = False
     for s in sets.values():
-        print(f"{s.describe()} ({s.seconds:.1f} s)")
+        logger.info("%s (%.1f s)", s.describe(), s.seconds)
         if not args.no_check:
             report = run_check(s.path, progress=False)
             for problem in report.problems:
@@ -133,9 +150,11 @@ def _run_samples(args: argparse.Namespace) -> int:
             for finding in report.findings:  # small sample sets may lack a class in a split: a warning here
                 print(f"  warning: {finding}")
             failed |= bool(report.problems)
-    print(
-        f"data samples: {len(sets)} set(s) in {time.perf_counter() - start:.1f} s"
-        + ("; data check found problems" if failed else "")
+    logger.info(
+        "data samples: %d set(s) in %.1f s%s",
+        len(sets),
+        time.perf_counter() - start,
+        "; data check found problems" if failed else "",
     )
     return 1 if failed else 0
 
@@ -144,9 +163,12 @@ def _run_prepare(args: argparse.Namespace) -> int:
     from scaleprotoseg.data.pascal_voc import prepare_sbd
 
     counts = prepare_sbd(args.sbd, args.voc, overwrite=args.overwrite, progress=sys.stderr.isatty())
-    print(
-        f"train_aug: {counts['train_aug']} images ({counts['from_sbd']} SBD labels, {counts['from_voc']} VOC "
-        f"labels); {counts['written']} PNG(s) written"
+    logger.info(
+        "train_aug: %d images (%d SBD labels, %d VOC labels); %d PNG(s) written",
+        counts["train_aug"],
+        counts["from_sbd"],
+        counts["from_voc"],
+        counts["written"],
     )
     return 0
 
@@ -162,7 +184,7 @@ def _run_init(args: argparse.Namespace) -> int:
         ignore_index=args.ignore_index,
         overwrite=args.overwrite,
     )
-    print(result.describe())
+    logger.info("%s", result.describe())
     if args.no_check:
         return 0
     report = run_check(result.root, progress=False)

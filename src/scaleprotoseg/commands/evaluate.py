@@ -6,31 +6,28 @@ import argparse
 import json
 from pathlib import Path
 
+from scaleprotoseg.commands.options import (
+    add_config_options,
+    add_data_root,
+    add_device,
+    add_inference_options,
+    add_progress,
+    add_stage,
+    apply_run_overrides,
+    inference_settings,
+    print_config,
+    run_config,
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory")
     parser.add_argument("--split", default=None, help="dataset split (default: the config's validation split)")
-    parser.add_argument("--stage", default=None, help="evaluate this stage's checkpoint instead of final/")
-    parser.add_argument(
-        "--mode",
-        choices=["whole", "sliding", "short_side", "fixed"],
-        default=None,
-        help="inference mode (default: the config's data.test_mode)",
-    )
-    parser.add_argument(
-        "--test-size", type=int, default=None, help="short side / square side / window size (default: config)"
-    )
-    parser.add_argument("--msc", default=None, help="comma-separated input scales with max fusion, e.g. 0.5,0.75,1")
-    parser.add_argument(
-        "--msc-fusion",
-        choices=["features", "logits"],
-        default=None,
-        help="what multi-scale inputs max-fuse: ASPP features (the release) or logits (default: data.msc_fusion)",
-    )
-    parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped prediction")
-    parser.add_argument("--data-root", default=None, help="dataset root (default: the config's data.root)")
+    add_stage(parser)
+    add_inference_options(parser)
+    add_data_root(parser)
     parser.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
-    parser.add_argument("--device", default="auto")
+    add_device(parser)
     parser.add_argument("--out", default=None, help="output directory (default: RUN/eval/<stage>-<split>)")
     parser.add_argument(
         "--no-baselines",
@@ -49,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="switch off prototypes (p3 or 3) and groups (g1) first, as `explore` does; results go to "
         "eval/<stage>-<split>-without-<list> beside the unedited model's mIoU",
     )
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--debug", action="store_true")
+    add_config_options(parser)
+    add_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,15 +55,16 @@ def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.data.registry import build_dataset
     from scaleprotoseg.engine import distributed as dist_utils
     from scaleprotoseg.evaluation.evaluate import evaluate
-    from scaleprotoseg.evaluation.inference import InferenceSettings
     from scaleprotoseg.evaluation.miou import write_results
     from scaleprotoseg.evaluation.plots import plot_confusion_matrix, plot_per_class_iou
     from scaleprotoseg.rundir import BASELINES, RunDir
 
+    if args.print_config:
+        return print_config(run_config(args.run, args.stage, args.overrides))
     info_dist = dist_utils.init_distributed(args.device)
     device = dist_utils.resolve_device(args.device, info_dist)
     loaded = load_model(args.run, args.stage, device)
-    model, cfg, info = loaded.model, loaded.config, loaded.meta
+    model, cfg, info = loaded.model, apply_run_overrides(loaded.config, args.overrides, args.run), loaded.meta
     ablation = None
     if args.without:
         from scaleprotoseg.explore.decision import Ablation
@@ -83,22 +81,14 @@ def run(args: argparse.Namespace) -> int:
     split = args.split or d.val_split
     dataset = build_dataset(d, split, train=False)
     check_same_classes(list(dataset.info.class_names), list(info.class_names), d.root, args.run)
-    changes = {"flip": args.flip}
-    if args.mode:
-        changes["mode"] = args.mode
-    if args.test_size is not None:
-        changes["test_size"] = args.test_size
-    if args.msc:
-        changes["msc_scales"] = tuple(float(s) for s in args.msc.split(","))
-    if args.msc_fusion:
-        changes["msc_fusion"] = args.msc_fusion
+    settings = inference_settings(args, d)
     res = evaluate(
         model,
         dataset,
         num_classes=len(info.class_names),
         ignore_index=info.ignore_index,
         device=device,
-        inference=InferenceSettings.from_config(d, **changes),
+        inference=settings,
         max_samples=args.max_images,
         progress=not args.no_progress,
     )
@@ -130,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             num_classes=len(info.class_names),
             ignore_index=info.ignore_index,
             device=device,
-            inference=InferenceSettings.from_config(d, **changes),
+            inference=settings,
             max_samples=args.max_images,
             progress=not args.no_progress,
         )

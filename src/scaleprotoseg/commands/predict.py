@@ -2,21 +2,38 @@
 
 Outputs are named after the input's stem (``a.jpg`` -> ``a.png``, ``a_color.png``); when two inputs of a folder share
 a stem (``a.png``, ``a.tif``) both keep their suffix (``a.png.png``, ``a.tif.png``). Nothing is written when an output
-would replace an input file or another output; images above ``--tile-above`` pixels are predicted in tiles."""
+would replace an input file or another output; images above ``--tile-above`` pixels are predicted in tiles. The
+test-time settings are the run's unless the inference options (as ``evaluate``'s) say otherwise."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+from scaleprotoseg.commands.options import (
+    add_config_options,
+    add_device,
+    add_inference_options,
+    add_progress,
+    add_stage,
+    apply_run_overrides,
+    check_run_overrides,
+    inference_settings,
+    print_config,
+    run_config,
+)
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory")
-    parser.add_argument("--input", required=True, help="an image file or a directory of images")
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--stage", default=None, help="use this stage's checkpoint instead of final/")
+    parser.add_argument("--input", help="an image file or a directory of images (required)")
+    parser.add_argument("--output", help="output directory (required)")
+    add_stage(parser)
     parser.add_argument(
         "--format",
         default="index",
@@ -38,8 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PIXELS",
         help="tile images with more pixels than this (default: Predictor.tile_above, 2048 x 2048; whole test mode)",
     )
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--debug", action="store_true")
+    add_inference_options(parser)
+    add_device(parser)
+    add_config_options(parser)
+    add_progress(parser)
+
+
+def require_input_output(args: argparse.Namespace, verb: str, what: str) -> None:
+    """``--input`` and ``--output`` are required unless ``--print-config`` is given (one-line error)."""
+    missing = [opt for opt, value in (("--input", args.input), ("--output", args.output)) if not value]
+    if missing:
+        raise ValueError(f"{verb}: {' and '.join(missing)} missing; expected --input {what} --output DIR")
 
 
 def list_images(path: Path) -> list[Path]:
@@ -99,14 +125,20 @@ def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.data.io import read_image, write_image, write_index_png
     from scaleprotoseg.predict import Predictor
 
+    if args.print_config:
+        return print_config(run_config(args.run, args.stage, args.overrides))
+    check_run_overrides(args.overrides)
+    require_input_output(args, "predict", "IMAGE|DIR")
     src = Path(args.input)
     files = list_images(src)
     out = Path(args.output)
     planned = plan_outputs(files, src, out, not args.no_color)
     tiling = {k: v for k, v in (("tile_size", args.tile), ("tile_above", args.tile_above)) if v is not None}
     predictor = Predictor.from_run(args.run, args.stage, args.device, **tiling)
+    predictor.cfg = apply_run_overrides(predictor.cfg, args.overrides, args.run)
+    predictor.inference = inference_settings(args, predictor.cfg.data)
     written = 0
-    for f, index, colour in tqdm(planned, desc="predict", disable=len(planned) < 2):
+    for f, index, colour in tqdm(planned, desc="predict", disable=len(planned) < 2 or args.no_progress):
         image = read_image(f)
         labels = predictor.predict(image)
         ids, palette = export_labels(labels, args.format, predictor.info.palette)
@@ -114,5 +146,5 @@ def run(args: argparse.Namespace) -> int:
         if colour is not None:
             write_image(colour, predictor.colorize(labels))
         written += 1
-    print(f"wrote {written} prediction(s) to {out}")
+    logger.info("wrote %d prediction(s) to %s", written, out)
     return 0

@@ -4,6 +4,11 @@ prototypes and groups per class, explained images) in ``RUN/report/index.html``.
 from __future__ import annotations
 
 import argparse
+import logging
+
+from scaleprotoseg.commands.options import add_config_options, add_device, add_stage, print_config, run_config
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,17 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input", nargs="+", default=None, help="image file(s) to explain instead of validation images"
     )
-    parser.add_argument("--stage", default=None, help="report on this stage's checkpoint instead of final/")
+    add_stage(parser)
     parser.add_argument(
         "--no-eval", action="store_true", help="do not compute a validation evaluation when RUN/eval has none"
     )
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--debug", action="store_true")
+    add_device(parser)
+    add_config_options(parser, overrides=False)
 
 
 def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.explain.report import build_report
 
+    if args.print_config:
+        return print_config(run_config(args.run, args.stage, []))
     index = build_report(
         args.run,
         args.output,
@@ -38,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         evaluate_missing=not args.no_eval,
     )
-    print(f"report: {index}")
+    logger.info("report: %s", index)
     return 0

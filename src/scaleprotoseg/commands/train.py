@@ -1,44 +1,43 @@
 """``scaleprotoseg train``: all stages of a config into a run directory, then the nearest training patches of the
 final model for the explanations; ``--resume`` continues where it stopped (also an unfinished export). One process
 works in a run directory at a time (its lock); a resume keeps the run's config unless ``--allow-changes`` is given,
-and every start, resume and allowed change is recorded in the run's ``history.jsonl``."""
+and every start, resume and allowed change is recorded in the run's ``history.jsonl``. The messages of the command
+and of the trainer (with the loss terms of every ``train.log_every`` step) also go to the run's ``train.log``."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scaleprotoseg.commands.options import add_config_options, add_device, add_progress, print_config
 from scaleprotoseg.rundir import RunDir
 
 if TYPE_CHECKING:
     from scaleprotoseg.config import Config
 
+logger = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help="YAML config file (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.stages.joint.steps=100 (repeatable)",
-    )
+    add_config_options(parser, run=False)
     parser.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its last checkpoint")
     parser.add_argument("--stages", help="comma-separated subset of stages to run, e.g. group_warmup,group_joint")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's)")
+    add_device(parser, default=None)
     parser.add_argument(
         "--allow-changes",
         action="store_true",
         help="let --resume (or --stages on an existing run) change the run's config; the change goes to history.jsonl",
     )
     parser.add_argument("--stop-at", metavar="STAGE:STEP", help="stop after this optimizer step (resume later)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("train: give a config with -c CONFIG (or --resume RUN)")
         cfg = load_config(args.config, args.overrides)
         run = RunDir(args.run_dir or Path("runs") / cfg.name)
+    if args.print_config:
+        return print_config(cfg)
     stop_at = None
     if args.stop_at:
         stage, _, step = args.stop_at.rpartition(":")
@@ -66,8 +67,29 @@ def run(args: argparse.Namespace) -> int:
     require_preflight(cfg.data, str(run.config if args.resume else args.config))  # headers, before the first step
     dist_utils.init_distributed(args.device or cfg.train.device)
     # The main process holds the run directory; the other ranks of a distributed run work under its lock.
-    with run.lock() if dist_utils.current().is_main else nullcontext():
+    main = dist_utils.current().is_main
+    with run.lock() if main else nullcontext(), train_log(run) if main else nullcontext():
         return _train(args, run, cfg, stop_at)
+
+
+@contextmanager
+def train_log(run: RunDir) -> Iterator[logging.Handler]:
+    """Append the package's messages (debug ones too: the loss terms of the logged steps) to the run's
+    ``train.log`` while training, and the error that stops a run."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run.train_log, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    package = logging.getLogger("scaleprotoseg")
+    package.addHandler(handler)
+    try:
+        yield handler
+    except BaseException as err:
+        why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"stopped by {type(err).__name__}: {err}"
+        handler.handle(logging.LogRecord(logger.name, logging.ERROR, __file__, 0, why, None, None))
+        raise
+    finally:
+        package.removeHandler(handler)
+        handler.close()
 
 
 def _train(args: argparse.Namespace, run: RunDir, cfg: Config, stop_at: tuple[str, int] | None) -> int:
@@ -93,11 +115,12 @@ def _train(args: argparse.Namespace, run: RunDir, cfg: Config, stop_at: tuple[st
     if trainer.dist.is_main:
         event = "resume" if args.resume else ("stages" if args.stages else "start")
         run.append_history(event, command=" ".join(sys.argv), **({"changes": changes} if changes else {}))
+        logger.info("%s of run %s (%s) on %s", event, run.root, cfg.name, trainer.device)
     only = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     try:
         results = trainer.run_stages(only, argv=sys.argv)
     except StopRequested as stop:
-        print(f"{stop}; continue with: scaleprotoseg train --resume {run.root}")
+        logger.info("%s; continue with: scaleprotoseg train --resume %s", stop, run.root)
         return 0
     if trainer.dist.is_main and run.read_state().get("final") == "model":
         # the step after training: nearest training patches for the explanations (also when a resume finds it undone)
@@ -108,5 +131,5 @@ def _train(args: argparse.Namespace, run: RunDir, cfg: Config, stop_at: tuple[st
             miou = r.metrics.get("val_miou")
             extra = f"  val mIoU {100 * miou:.2f}" if miou is not None else ""
             print(f"{r.name:>14} [{r.kind}]{extra}")
-        print(f"run directory: {run.root}  (final model in {run.final})")
+        logger.info("run directory: %s  (final model in %s)", run.root, run.final)
     return 0

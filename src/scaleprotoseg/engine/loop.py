@@ -8,6 +8,7 @@ host-device synchronisation points of a step are marked ``# host sync``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -29,6 +30,8 @@ from scaleprotoseg.rundir import recover_dir
 
 if TYPE_CHECKING:
     from scaleprotoseg.engine.trainer import Trainer
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -168,6 +171,7 @@ def train_steps(t: Trainer, name: str, stage: StageConfig) -> dict[str, Any]:
             dist_utils.barrier()
         if at_stop:
             bar.close()
+            logger.debug("%s: stopped at step %d as requested (checkpoint written)", name, done)
             raise StopRequested(f"stopped at stage {name} step {done} as requested")
     bar.close()
     del batches
@@ -184,6 +188,8 @@ def _log_step(t: Trainer, name: str, done: int, step_terms: dict[str, float], lr
     if not t.dist.is_main:
         return
     t.run.log_metrics({"stage": name, "step": done, "lr": lr, **reduced, "time": round(seconds, 3)})
+    terms = "  ".join(f"{k} {v:.4g}" for k, v in reduced.items())
+    logger.debug("%s step %d: %s  lr %.3g  (%.1f s)", name, done, terms, lr, seconds)
     if t.tb is not None:
         for k, v in reduced.items():
             t.tb.add_scalar(f"{name}/{k}", v, done)

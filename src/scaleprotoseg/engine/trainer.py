@@ -9,6 +9,7 @@ function of :mod:`scaleprotoseg.engine.stages`, the gradient steps are :mod:`sca
 
 from __future__ import annotations
 
+import logging
 import platform
 import sys
 import time
@@ -28,6 +29,8 @@ from scaleprotoseg.prototypes.projection import ProjectionResult
 from scaleprotoseg.rundir import CheckpointDir, RunDir, atomic_write_json, discard_dir, recover_dir
 
 __all__ = ["StageResult", "StopRequested", "Trainer", "TrainingDiverged", "environment_info"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -233,6 +236,8 @@ class Trainer:
         """Run one stage (seeded by its index), validate it and write its checkpoint."""
         torch.manual_seed(_stage_seed(self.cfg.train.seed, index))
         if self.dist.is_main:
+            steps = f", {stage.steps} steps" if stage.kind in GRADIENT_KINDS else ""
+            logger.info("stage %s [%s]%s", name, stage.kind, steps)
             state = self.run.read_state()
             self.run.write_state({**state, "current": {"stage": name, "kind": stage.kind}, "final": None})
         metrics = STAGE_FUNCTIONS[stage.kind](self, name, stage)
@@ -241,6 +246,8 @@ class Trainer:
             self.save_checkpoint(self.run.stage_dir(name), name, stage.steps)
             discard_dir(self.run.partial_dir(name))
             self.run.log_metrics({"stage": name, "kind": stage.kind, "event": "stage_end", **metrics})
+            miou = metrics.get("val_miou")
+            logger.info("stage %s done%s", name, f", val mIoU {100 * miou:.2f}" if miou is not None else "")
         return StageResult(name, stage.kind, metrics)
 
     def last_good(self, stage: str) -> str:
@@ -276,7 +283,7 @@ class Trainer:
         return out
 
     def _report_baselines(self, results: list[StageResult]) -> None:
-        """Print the validated model next to the trivial baselines; write ``baselines.json`` into the run root.
+        """Log the validated model next to the trivial baselines; write ``baselines.json`` into the run root.
         ``load_raw`` reads whole images without the training crops, so the training dataset serves as it is."""
         from scaleprotoseg.data.base import SegmentationDataset
         from scaleprotoseg.evaluation.baselines import training_baseline_report
@@ -290,7 +297,10 @@ class Trainer:
         except Exception as err:  # a convenience: it must not fail a finished run
             lines = [f"WARNING: baselines not computed ({type(err).__name__}: {err})"]
         for line in lines:
-            print(line)
+            if line.startswith("WARNING"):
+                logger.warning("%s", line.removeprefix("WARNING").lstrip(": "))
+            else:
+                logger.info("%s", line)
         warnings = [line for line in lines if line.startswith("WARNING")]
         if warnings:
             self.run.log_metrics({"event": "baseline_warning", "warnings": warnings})
@@ -311,4 +321,5 @@ class Trainer:
 
         self.save_checkpoint(self.run.final, stage, 0, config=self.cfg, extra=patches)
         self.run.write_state({**self.run.read_state(), "final": "model"})
+        logger.info("final model of stage %s written to %s", stage, self.run.final)
         return self.run.final
