@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scaleprotoseg.analysis.results import format_table, write_result
-    from scaleprotoseg.analysis.runner import AnalysisOptions, Analyzer, MissingInput
+    from scaleprotoseg.analysis.results import format_table
+    from scaleprotoseg.analysis.runner import AnalysisContext, AnalysisOptions, MissingInput, run_metrics, save_result
     from scaleprotoseg.analysis.stability import NOISE_STD
     from scaleprotoseg.engine.distributed import resolve_device
     from scaleprotoseg.rundir import RunDir
@@ -91,18 +91,19 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         num_workers=args.workers,
     )
-    analyzer = Analyzer(args.run, resolve_device(args.device), options)
+    ctx = AnalysisContext.open(args.run, resolve_device(args.device), options, metrics)
     out = Path(args.out) if args.out else RunDir(args.run).analysis
     failed = []
-    for metric, result in analyzer.run_metrics(metrics):
+    for analysis, result in run_metrics(ctx, metrics):
+        metric = analysis.name
         if isinstance(result, Exception):
             if isinstance(result, MissingInput) and not every:
                 print(f"{metric}: error: {result}", file=sys.stderr)
                 failed.append(metric)
             else:
-                print(f"{metric}: skipped ({analyzer.info.method} run): {result}")
+                print(f"{metric}: skipped ({ctx.info.method} run): {result}")
             continue
-        paths = write_result(result, out)
+        paths = save_result(analysis, result, out)
         print(f"\n{result.title}")
         print(format_table(result.columns, result.rows))
         print(f"-> {', '.join(str(p) for p in paths.values())}")
