@@ -225,3 +225,46 @@ def plot_prototype_steps(summary: Mapping[str, Any], path: str | Path | None = N
     ax_m.set_title("mIoU per step")
     _save(fig, path)
     return fig
+
+
+def plot_group_comparison(
+    panels: Sequence[Mapping[str, Any]],
+    run_labels: Mapping[str, str],
+    class_names: Sequence[str],
+    path: str | Path | None = None,
+) -> Any:
+    """Figure 6: one row per image, the image then run A's and run B's group activation maps of the row's class,
+    each over the image (nearest cells, semi-transparent). Each panel has ``name``, ``class``, ``image`` (uint8
+    (H, W, 3)) and, for ``a`` and ``b``, ``groups`` (N,) and ``maps`` (N, h, w); ``run_labels`` names ``a`` and ``b``
+    (e.g. the run and its entropy weight) in the caption."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = max(len(panels), 1)
+    cols = 1 + max((len(p["a"]["groups"]) + len(p["b"]["groups"]) for p in panels), default=0)
+    fig = Figure(figsize=(2.4 * cols, 2.6 * rows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    if not panels:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no image", ha="center", va="center")
+        ax.axis("off")
+    for i, panel in enumerate(panels):
+        image = np.asarray(panel["image"])
+        H, W = image.shape[:2]
+        ax = fig.add_subplot(rows, cols, i * cols + 1)
+        ax.imshow(image)
+        ax.set_title(f"{panel['name']}\nclass {class_names[panel['class']]}", fontsize="small")
+        ax.axis("off")
+        j = 1
+        for key, letter in (("a", "A"), ("b", "B")):
+            for g, act in zip(panel[key]["groups"], panel[key]["maps"]):
+                ax = fig.add_subplot(rows, cols, i * cols + j + 1)
+                ax.imshow(image)
+                ax.imshow(np.asarray(act), extent=(0, W, H, 0), alpha=0.55, cmap="jet", interpolation="nearest")
+                ax.set_title(f"{letter}: group {int(g)}", fontsize="small", color="C0" if key == "a" else "C3")
+                ax.axis("off")
+                j += 1
+    caption = "; ".join(f"{k.upper()} = {run_labels[k]}" for k in ("a", "b"))
+    fig.suptitle(f"Group activations of the predicted class (Figure 6)\n{caption}", fontsize="medium")
+    _save(fig, path)
+    return fig
