@@ -1,5 +1,6 @@
 """``scaleprotoseg analyze compare RUN_A RUN_B`` (Figure 6): each run's own group activations on run A's images."""
 
+import copy
 import json
 import shutil
 from types import SimpleNamespace
@@ -13,20 +14,24 @@ from scaleprotoseg.analysis.groups_compare import GroupsCompareAnalysis, entropy
 from scaleprotoseg.checkpoint import CheckpointMeta, load_model, write_checkpoint
 from scaleprotoseg.cli import main
 from scaleprotoseg.config import load_config, save_config
+from scaleprotoseg.data.registry import build_dataset
 from scaleprotoseg.rundir import RunDir
 
 CPU = torch.device("cpu")
 
 
-def _tiny_grouped_run(root, tiny_model, class_names=("background", "square", "disc"), entropy=0.0):
+def _tiny_grouped_run(
+    root, tiny_model, class_names=("background", "square", "disc"), entropy=0.0, normalization="imagenet"
+):
     """A final-only grouped U-Net run (untrained, seed 1) whose config has ``loss.entropy`` = ``entropy``."""
     model, cfg = tiny_model("scaleprotoseg", grouped=True, seed=1)
     cfg.loss.entropy = entropy
+    cfg.data.normalization = normalization
     info = SimpleNamespace(class_names=list(class_names), palette=np.zeros((3, 3), np.uint8), ignore_index=255)
     run = RunDir(root)
     root.mkdir(parents=True)
     save_config(cfg, run.config)
-    meta = CheckpointMeta.of_model(model, stage="final", step=0, info=info, normalization="imagenet")
+    meta = CheckpointMeta.of_model(model, stage="final", step=0, info=info, normalization=normalization)
     write_checkpoint(run.final, model, meta, config=cfg)
     return root
 
@@ -53,16 +58,20 @@ def test_entropy_weight():
 
 def test_panels_come_from_each_run(trained_runs, tiny_model, tmp_path):
     run_a = trained_runs["scaleprotoseg"]
-    run_b = _tiny_grouped_run(tmp_path / "b", tiny_model)
+    run_b = _tiny_grouped_run(tmp_path / "b", tiny_model, normalization="tf")  # B reads its own inputs
     a, b = _open(run_a), _open(run_b)
     panels = GroupsCompareAnalysis(b, num_images=2).panels(a)
     assert [p["index"] for p in panels] == [0, 1]
     dataset = a.dataset("val")
+    data_tf = copy.deepcopy(a.cfg.data)
+    data_tf.normalization = "tf"
+    dataset_tf = build_dataset(data_tf, "val", train=False)
     model_a, model_b = load_model(run_a).model, load_model(run_b).model
     for p in panels:
-        x = dataset[p["index"]]["image"].unsqueeze(0)
+        x, x_tf = dataset[p["index"]]["image"].unsqueeze(0), dataset_tf[p["index"]]["image"].unsqueeze(0)
+        assert not torch.allclose(x, x_tf)
         with torch.no_grad():
-            out_a, out_b = model_a(x), model_b(x)
+            out_a, out_b = model_a(x), model_b(x_tf)
         counts = np.bincount(out_a.logits[0].argmax(0).numpy().ravel(), minlength=3)
         expected = 0 if counts[1:].sum() == 0 else 1 + int(np.argmax(counts[1:]))
         assert p["class"] == expected and p["name"] == dataset.load_raw(p["index"])[2]

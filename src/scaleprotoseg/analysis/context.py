@@ -148,12 +148,13 @@ class AnalysisContext:
     def parts_dataset(self) -> Any:
         """The part-annotated dataset: ``--parts-dataset``/``--parts-root``, or the run's own if it has parts."""
         from scaleprotoseg.data import folder_parts  # noqa: F401  (registers folder_parts)
+        from scaleprotoseg.data.base import SegmentationDataset
         from scaleprotoseg.data.registry import build_dataset, get_dataset_class
 
         d = copy.deepcopy(self.cfg.data)
         name = self.options.parts_dataset or d.name
         cls = get_dataset_class(name)
-        if not getattr(cls, "has_parts", False):
+        if not (isinstance(cls, type) and issubclass(cls, SegmentationDataset) and cls.has_parts):
             raise MissingInput(
                 f"needs part annotations; dataset {name!r} has none: pass --parts-dataset "
                 "cityscapes_panoptic_parts|pascal_panoptic_parts|folder_parts and --parts-root DIR"
@@ -162,7 +163,7 @@ class AnalysisContext:
             d.name, d.options = name, {}
         if self.options.parts_root:
             root = str(Path(self.options.parts_root).resolve())
-            options = cls.option_names() if hasattr(cls, "option_names") else []
+            options = cls.option_names()
             if "parts_root" in options:
                 d.options["parts_root"] = root
             elif "parts_dir" in options:

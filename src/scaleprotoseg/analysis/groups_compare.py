@@ -85,6 +85,8 @@ class GroupsCompareAnalysis(Analysis):
     def panels(self, a: AnalysisContext) -> list[dict[str, Any]]:
         """Per image: ``index``, ``name``, ``class``, ``image`` (uint8 (H, W, 3)) and, for ``a`` and ``b``, the
         ``groups`` of the class (indices into each head) and their ``maps`` (N, h, w) from that run's forward."""
+        from scaleprotoseg.data.registry import build_dataset
+
         b = self.other
         check_comparable(a, b)
         split = a.split()
@@ -93,8 +95,6 @@ class GroupsCompareAnalysis(Analysis):
         if b.cfg.data.normalization != a.cfg.data.normalization:  # the same images, run B's input normalisation
             data = copy.deepcopy(a.cfg.data)
             data.normalization = b.cfg.data.normalization
-            from scaleprotoseg.data.registry import build_dataset
-
             ds_b = build_dataset(data, split, train=False, seed=a.options.seed)
         out = []
         for index in range(min(self.num_images, len(ds_a))):
