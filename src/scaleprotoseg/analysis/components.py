@@ -4,20 +4,27 @@ labelling, the nearest-neighbour index convention).
 
 Connected components use ``scipy.ndimage.label`` with a 3x3 all-ones structure, i.e. 8-connectivity between
 non-zero pixels: the same components as opencv's ``connectedComponents(..., connectivity=8)`` used by the paper.
+The ``components`` analysis (:class:`ComponentsAnalysis`) runs it over a run's validation images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from scaleprotoseg.analysis.registry import Analysis
+from scaleprotoseg.analysis.results import MetricResult
 from scaleprotoseg.ops import resize_activations
 
+if TYPE_CHECKING:
+    from scaleprotoseg.analysis.context import AnalysisContext
+
 EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
+COMPONENT_QUANTILES = (0.8, 0.9, 0.99)
 
 
 def as_numpy(x: Any) -> np.ndarray:
@@ -159,3 +166,42 @@ class ComponentsAccumulator:
             "pooled_area": pooled_area,
             "num_maps": self.num_maps.copy(),
         }
+
+
+class ComponentsAnalysis(Analysis):
+    """``components``: connected components of every prototype's binarised activation map per scale, on the
+    validation images at native size (section 4.2, Figure 3); areas in feature cells."""
+
+    name = "components"
+
+    def compute(self, ctx: AnalysisContext) -> MetricResult:
+        ctx.need_prototypes()
+        acc = ComponentsAccumulator(ctx.head.prototype_scale.cpu().numpy(), COMPONENT_QUANTILES)
+        split = ctx.split()
+        count = 0
+        for item in ctx.items(ctx.dataset(split), self.name):
+            acc.update(ctx.activations(item["image"]))
+            count += 1
+        res = acc.compute()
+        rows = [
+            [int(s) + 1, q, res["mean_count"][i, j], res["mean_area"][i, j], res["pooled_area"][i, j], int(n)]
+            for i, (s, n) in enumerate(zip(res["scales"], res["num_maps"]))
+            for j, q in enumerate(res["quantiles"])
+        ]
+        summary = {**res, "area_unit": "feature cells", "cell_pixels": ctx.model.output_stride**2}
+        return MetricResult(
+            self.name,
+            "Connected components per scale (Figure 3)",
+            summary,
+            ["scale", "p_th", "mean_count", "mean_area", "pooled_area", "maps"],
+            rows,
+            ctx.meta(split=split, num_images=count),
+            plot_data={"title": f"Binarised prototype activations per scale: {ctx.name}"},
+        )
+
+    def figures(self, result: MetricResult) -> dict[str, Any]:
+        from scaleprotoseg.analysis.plots import plot_components
+
+        if not result.meta["num_images"]:
+            return {}
+        return {"": plot_components(result.summary, title=result.plot_data["title"])}

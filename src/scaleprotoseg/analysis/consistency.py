@@ -21,18 +21,26 @@ Definitions (one image at a time, so a dataset never has to fit in memory):
   visibility). p is consistent when some part's frequency is strictly above ``threshold`` (0.8: "more than 80 %").
   Score at percentile q = 100 * (#consistent prototypes / #prototypes evaluated on at least one image); the
   reported score is the mean over the percentiles.
+
+The ``consistency`` analysis (:class:`ConsistencyAnalysis`) runs this over a part-annotated dataset in the pass it
+shares with stability (:mod:`scaleprotoseg.analysis.parts`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from scaleprotoseg.analysis.components import as_numpy, label_components, nearest_indices
+from scaleprotoseg.analysis.registry import Analysis
+from scaleprotoseg.analysis.results import MetricResult
+
+if TYPE_CHECKING:
+    from scaleprotoseg.analysis.context import AnalysisContext
 
 DEFAULT_PERCENTILES = (70.0, 80.0, 90.0)
 
@@ -330,3 +338,44 @@ class ConsistencyAccumulator(_PartMetricBase):
             "num_evaluated": int(evaluated.sum()),
             "part_ids": dict(self.part_ids_per_class),
         }
+
+
+class ConsistencyAnalysis(Analysis):
+    """``consistency``: Tables 3-4 on the part-annotated images (one row per percentile and a mean row)."""
+
+    name = "consistency"
+
+    def compute(self, ctx: AnalysisContext) -> MetricResult:
+        from scaleprotoseg.analysis.parts import shared_part_pass
+
+        found = shared_part_pass(ctx, self.name)
+        res = found.consistency
+        assert res is not None  # asked for
+        rows = [
+            [p, res["scores"][p], int(res["consistent"][i][res["evaluated"]].sum()), res["num_evaluated"]]
+            for i, p in enumerate(res["percentiles"])
+        ]
+        rows.append(["mean", res["score"], None, res["num_evaluated"]])
+        summary = {
+            **res,
+            "part_names": found.part_names,
+            "threshold": found.threshold,
+            "prototype_class": found.prototype_class,
+            "prototype_scale": found.prototype_scale,
+        }
+        return MetricResult(
+            self.name,
+            "Consistency of prototypes (Tables 3-4)",
+            summary,
+            ["percentile", "consistency_%", "consistent_prototypes", "evaluated_prototypes"],
+            rows,
+            found.meta,
+            plot_data={"title": f"Consistency: {found.title}"},
+        )
+
+    def figures(self, result: MetricResult) -> dict[str, Any]:
+        from scaleprotoseg.analysis.plots import plot_consistency_stability
+
+        if not np.isfinite(result.summary["score"]):
+            return {}
+        return {"": plot_consistency_stability(result.summary, None, title=result.plot_data["title"])}

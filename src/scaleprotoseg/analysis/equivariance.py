@@ -18,12 +18,15 @@ components of the pair graph; prototypes of one class only, so groups never mix 
 p_th: (a) #groups / ``num_groups`` (the number of groups of the sparse grouping, e.g. 3 * C), (b) #prototypes
 in groups / #prototypes considered, (c) #classes with a group / #classes with candidate pairs (prototypes at two
 scales or more).
+
+The ``equivariance`` analysis (:class:`EquivarianceAnalysis`) runs it over a multi-scale run's training images and
+draws Figure 7 and the best pairs (Figures 8-10).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,7 +34,15 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from scaleprotoseg.analysis.components import as_numpy, nearest_indices
-from scaleprotoseg.ops import resize_labels
+from scaleprotoseg.analysis.registry import Analysis, NotApplicable
+from scaleprotoseg.analysis.results import MetricResult
+from scaleprotoseg.ops import resize_image, resize_labels
+
+if TYPE_CHECKING:
+    from scaleprotoseg.analysis.context import AnalysisContext
+
+EQUIVARIANCE_QUANTILES = (0.6, 0.7)
+EQUIVARIANT_PAIRS_SHOWN = 4  # pairs drawn in equivariance-pairs.png (Figures 8-10), the highest IoU first
 
 
 def atrous_scale_ratios(rates: Sequence[float]) -> tuple[float, ...]:
@@ -202,3 +213,125 @@ class EquivarianceAccumulator:
                 "num_classes": len(candidate_classes),
             }
         return result
+
+
+def downsampled(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The input (B, 3, H, W) resized to (round(H / ratio), round(W / ratio)) (itself at ratio 1)."""
+    H, W = x.shape[-2:]
+    size = (max(1, round(H / ratio)), max(1, round(W / ratio)))
+    return x if size == (H, W) else resize_image(x, size)
+
+
+class EquivarianceAnalysis(Analysis):
+    """``equivariance``: quasi-equivariant prototype pairs/groups across scales on the downsampled training images
+    (supplement 11, Figure 7), and the activation maps of the best pairs (Figures 8-10); multi-scale runs only."""
+
+    name = "equivariance"
+
+    def compute(self, ctx: AnalysisContext) -> MetricResult:
+        ctx.need_prototypes()
+        if ctx.num_scales < 2:
+            raise NotApplicable("needs prototypes at several scales (ScaleProtoSeg)")
+        head = ctx.head
+        ratios = atrous_scale_ratios(head.aspp.rates)
+        acc = EquivarianceAccumulator(
+            head.prototype_class.cpu().numpy(),
+            head.prototype_scale.cpu().numpy(),
+            ratios,
+            EQUIVARIANCE_QUANTILES,
+            num_groups=head.grouping.num_groups if ctx.grouped else None,
+            prototype_mask=ctx.used_prototype_mask(),
+            ignore_index=ctx.info.ignore_index,
+        )
+        split = ctx.split(ctx.cfg.data.train_split)
+        count = 0
+        unique = sorted({float(r) for r in ratios})
+        dataset = ctx.dataset(split)
+        largest: dict[int, tuple[int, int]] = {}  # class -> (pixels, image index): the image a figure row shows
+        for item in ctx.items(dataset, self.name):
+            x = item["image"].unsqueeze(0).to(ctx.device)
+            label = item["label"].numpy()
+            acc.update({r: ctx.activations(downsampled(x, r)) for r in unique}, label)
+            for c, n in zip(*np.unique(label, return_counts=True)):
+                if int(c) != ctx.info.ignore_index and n > largest.get(int(c), (0, -1))[0]:
+                    largest[int(c)] = (int(n), count)
+            count += 1
+        res = acc.compute()
+        rows = [
+            [
+                q,
+                len(r["pairs"]),
+                len(r["groups"]),
+                r["ratio_groups"],
+                r["ratio_prototypes"],
+                r["ratio_classes"],
+                r["num_candidate_pairs"],
+            ]
+            for q, r in res.items()
+        ]
+        summary = {
+            "scale_ratios": ratios,
+            "quantiles": EQUIVARIANCE_QUANTILES,
+            "iou_threshold": acc.iou_threshold,
+            "num_groups": acc.num_groups,
+            "results": res,
+            "candidate_pairs": [
+                {"class": c, "scales": [s1, s2], "prototypes": [p1, p2], "iou": dict(zip(acc.quantiles, iou))}
+                for c, s1, s2, p1, p2, iou in acc.pair_ious()
+            ],
+        }
+        return MetricResult(
+            self.name,
+            "Quasi-equivariant prototypes across scales (Figure 7)",
+            summary,
+            ["p_th", "pairs", "groups", "ratio_groups", "ratio_prototypes", "ratio_classes", "candidate_pairs"],
+            rows,
+            ctx.meta(split=split, num_images=count),
+            plot_data={"run": ctx.name, "pairs": pair_panels(ctx, res, dataset, largest, ratios)},
+        )
+
+    def figures(self, result: MetricResult) -> dict[str, Any]:
+        from scaleprotoseg.analysis.plots import plot_equivariance, plot_equivariant_pairs
+
+        run = result.plot_data["run"]
+        return {
+            "": plot_equivariance(result.summary["results"], title=f"Quasi-equivariance across scales: {run}"),
+            "pairs": plot_equivariant_pairs(
+                result.plot_data["pairs"], title=f"Quasi-equivariant prototype pairs (Figures 8-10): {run}"
+            ),
+        }
+
+
+def pair_panels(
+    ctx: AnalysisContext,
+    res: dict[float, dict[str, Any]],
+    dataset: Any,
+    largest: dict[int, tuple[int, int]],
+    ratios: Sequence[float],
+) -> list[dict[str, Any]]:
+    """Figures 8-10, the panels of :func:`~scaleprotoseg.analysis.plots.plot_equivariant_pairs`: the best
+    quasi-equivariant pairs at the lowest p_th, each on the image with most pixels of its class: A_{s,i} on the
+    input downsampled by r_{1->s'}, A_{s',j} on the one downsampled by r_{1->s}."""
+    from PIL import Image
+
+    q = min(res)
+    pairs = sorted(res[q]["pairs"], key=lambda e: -e[2])[:EQUIVARIANT_PAIRS_SHOWN]
+    cls, scale = ctx.head.prototype_class.cpu().numpy(), ctx.head.prototype_scale.cpu().numpy()
+    panels = []
+    for p, p2, iou in pairs:
+        c = int(cls[p])
+        index = largest[c][1]
+        x = dataset[index]["image"].unsqueeze(0).to(ctx.device)
+        raw = dataset.load_raw(index)[0]
+        sides = {}
+        for side, proto, other in (("left", p, p2), ("right", p2, p)):
+            r = float(ratios[int(scale[other])])  # read each prototype on the input sized for the other's scale
+            xr = downsampled(x, r)
+            image = np.asarray(Image.fromarray(raw).resize((xr.shape[-1], xr.shape[-2]), Image.BILINEAR))
+            sides[side] = {
+                "image": image,
+                "activation": ctx.activations(xr)[proto],
+                "label": f"prototype {proto} (scale {int(scale[proto]) + 1}), input / {r:g}",
+            }
+        panels.append({**sides, "caption": f"{ctx.class_names[c]}: IoU {iou:.2f} at p_th {q:g}"})
+    return panels

@@ -10,19 +10,26 @@ Groups", in %) = mean over the classes seen. The release's own reduction pools t
 Resolution: the release upsamples the group maps bicubically to the image size before binarising; ``mode``
 picks that ("bicubic"), the package's activation convention ("nearest"), or no resizing (None: the maps are
 binarised at the resolution they come in; the label only says which classes are present).
+
+The ``group-overlap`` analysis (:class:`GroupOverlapAnalysis`) runs it over a grouped run's validation images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from scaleprotoseg.analysis.components import as_numpy
+from scaleprotoseg.analysis.registry import Analysis, NotApplicable
+from scaleprotoseg.analysis.results import MetricResult
 from scaleprotoseg.ops import resize_activations
+
+if TYPE_CHECKING:
+    from scaleprotoseg.analysis.context import AnalysisContext
 
 OVERLAP_QUANTILE = 0.95
 
@@ -122,3 +129,49 @@ class GroupOverlapAccumulator:
             "pooled_iou": 100.0 * tot_i / tot_u if tot_u > 0 else float("nan"),
             "num_images": {c: n for c, n in self.num_images.items() if n},
         }
+
+
+class GroupOverlapAnalysis(Analysis):
+    """``group-overlap``: mean IoU between the 95th-percentile binarised activations of a class's groups on the
+    validation images (supplement 10, Table 9); grouped runs only."""
+
+    name = "group-overlap"
+
+    def compute(self, ctx: AnalysisContext) -> MetricResult:
+        if not ctx.grouped:
+            raise NotApplicable("needs groups (ScaleProtoSeg after the group stages)")
+        names = ctx.class_names
+        acc = GroupOverlapAccumulator(ctx.head.group_class.cpu().numpy(), ignore_index=ctx.info.ignore_index)
+        split = ctx.split()
+        count = 0
+        for item in ctx.items(ctx.dataset(split), self.name):
+            acc.update(ctx.group_activations(item["image"]), item["label"].numpy())
+            count += 1
+        res = acc.compute()
+        rows: list[list[Any]] = [
+            [c, names[c], res["class_iou"][c], res["class_pooled_iou"][c], res["num_images"][c]]
+            for c in sorted(res["class_iou"])
+        ]
+        rows.append([None, "mean", res["miou"], res["pooled_iou"], count])
+        summary = {
+            **res,
+            "quantile": acc.quantile,
+            "mode": acc.mode,
+            "class_names": {c: names[c] for c in res["class_iou"]},
+        }
+        return MetricResult(
+            self.name,
+            "Overlap of group activations (Table 9)",
+            summary,
+            ["class_index", "class", "iou_%", "pooled_iou_%", "images"],
+            rows,
+            ctx.meta(split=split, num_images=count),
+            plot_data={"class_names": names},
+        )
+
+    def figures(self, result: MetricResult) -> dict[str, Any]:
+        from scaleprotoseg.analysis.plots import plot_group_overlap
+
+        if not result.summary["class_iou"]:
+            return {}
+        return {"": plot_group_overlap(result.summary, result.plot_data["class_names"])}

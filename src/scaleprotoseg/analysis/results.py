@@ -1,5 +1,5 @@
-"""What an analysis produces and how it is written: :class:`MetricResult` (summary, main table, figure), plain JSON
-with NaN as null, CSV, and the fixed-width tables ``scaleprotoseg analyze`` prints."""
+"""What an analysis produces and how it is written: :class:`MetricResult` (summary, main table, what its figures
+draw), plain JSON with NaN as null, CSV, and the fixed-width tables ``scaleprotoseg analyze`` prints."""
 
 from __future__ import annotations
 
@@ -17,17 +17,16 @@ import torch
 
 @dataclass
 class MetricResult:
-    """One analysis: ``summary`` is written as JSON, ``columns``/``rows`` as CSV and printed, ``figure`` as PNG and
-    each of ``extra_figures`` as ``<metric>-<name>.png``."""
+    """One analysis: ``summary`` and ``meta`` are written as JSON, ``columns``/``rows`` as CSV and printed;
+    ``plot_data`` holds what the figures draw beyond them (e.g. images and activation maps) and is not written."""
 
     metric: str
     title: str
     summary: dict[str, Any]
     columns: list[str]
     rows: list[list[Any]]
-    figure: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
-    extra_figures: dict[str, Any] = field(default_factory=dict)
+    plot_data: dict[str, Any] = field(default_factory=dict)
 
 
 def jsonable(obj: Any) -> Any:
@@ -99,9 +98,8 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_result(result: MetricResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``<metric>.json``, ``<metric>.csv`` and (when there are figures) ``<metric>.png`` and
-    ``<metric>-<name>.png`` into ``out_dir``."""
+def write_tables(result: MetricResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``<metric>.json`` (``metric``, ``meta`` and the summary) and ``<metric>.csv`` into ``out_dir``."""
     from scaleprotoseg.rundir import atomic_write_text
 
     out = Path(out_dir)
@@ -113,10 +111,4 @@ def write_result(result: MetricResult, out_dir: str | Path) -> dict[str, Path]:
         writer = csv.writer(fh)
         writer.writerow(result.columns)
         writer.writerows([[_cell(v) for v in r] for r in result.rows])
-    if result.figure is not None:
-        paths["png"] = out / f"{result.metric}.png"
-        result.figure.savefig(paths["png"], dpi=120)
-    for name, figure in result.extra_figures.items():
-        paths[f"png-{name}"] = out / f"{result.metric}-{name}.png"
-        figure.savefig(paths[f"png-{name}"], dpi=120)
     return paths

@@ -1,5 +1,6 @@
 """Sparsity and size of the interpretable heads (paper section 4.2 Tables 2-4; supplement 9 Table 7 and 12
-Table 10). Pure functions of weight matrices; no model needed.
+Table 10): pure functions of weight matrices, and the ``sparsity`` analysis (:class:`SparsityAnalysis`) that reads
+them off a run's head.
 
 Shapes: the last layer ``W`` is (C, K): ``h_proto`` over K = P prototypes (ProtoSeg, or ScaleProtoSeg before
 grouping), ``h_group`` over K = G groups (ScaleProtoSeg). The group matrix is either dense (G, P), as
@@ -9,12 +10,17 @@ grouping), ``h_group`` over K = G groups (ScaleProtoSeg). The group matrix is ei
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from scaleprotoseg.analysis.components import as_numpy
+from scaleprotoseg.analysis.registry import Analysis
+from scaleprotoseg.analysis.results import MetricResult
+
+if TYPE_CHECKING:
+    from scaleprotoseg.analysis.context import AnalysisContext
 
 SPARSITY_THRESHOLD = 0.005
 ALPHAS = (0.0, 0.05, 0.1)
@@ -133,3 +139,58 @@ def extra_parameters(
     """
     P, D, C, K = int(num_prototypes), int(feature_dim), int(num_classes), int(last_layer_inputs)
     return P * D + int(num_group_weights) + C * K - D * C
+
+
+class SparsityAnalysis(Analysis):
+    """``sparsity``: active prototypes per class (last layer |w| >= 0.005), average |w| and extra parameters
+    (Tables 3-4, 10)."""
+
+    name = "sparsity"
+
+    def compute(self, ctx: AnalysisContext) -> MetricResult:
+        ctx.need_prototypes()
+        head = ctx.head
+        W = head.last_layer_weight().detach().cpu()
+        P = head.num_prototypes
+        D = int(head.prototypes.dim)
+        C = len(ctx.class_names)
+        if ctx.grouped:
+            dense = head.grouping.dense_weight(P).detach().cpu()
+            counts = active_prototype_counts(W, SPARSITY_THRESHOLD, dense)
+            used = int(ctx.used_prototype_mask().sum())
+            n_group_weights = int(head.groups_per_class * head.grouping.member_mask.sum().item())
+            extra = extra_parameters(used, D, C, W.shape[1], n_group_weights)
+            layer = "h_group"
+        else:
+            counts = active_prototype_counts(W, SPARSITY_THRESHOLD)
+            used, n_group_weights = P, 0
+            extra = extra_parameters(P, D, C, P)
+            layer = "h_proto"
+        summary = {
+            "sparsity": float(counts.mean()),
+            "threshold": SPARSITY_THRESHOLD,
+            "active_prototypes": {name: int(n) for name, n in zip(ctx.class_names, counts)},
+            "avg_abs_weight": average_abs_weight(W),
+            "extra_parameters": int(extra),
+            "last_layer": layer,
+            "last_layer_shape": list(W.shape),
+            "num_prototypes": P,
+            "prototypes_used": used,
+            "group_weights": n_group_weights,
+            "feature_dim": D,
+        }
+        rows: list[list[Any]] = [[i, n, int(k)] for i, (n, k) in enumerate(zip(ctx.class_names, counts))]
+        rows.append([None, "mean", float(counts.mean())])
+        return MetricResult(
+            self.name,
+            "Sparsity of the last layer (Tables 3-4, 10)",
+            summary,
+            ["class_index", "class", "active_prototypes"],
+            rows,
+            ctx.meta(),
+        )
+
+    def figures(self, result: MetricResult) -> dict[str, Any]:
+        from scaleprotoseg.analysis.plots import plot_sparsity
+
+        return {"": plot_sparsity(result.summary)}

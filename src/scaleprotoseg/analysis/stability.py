@@ -8,18 +8,26 @@ std 0.2 in the normalised input space. The pair is stable when the two vectors a
 percentile q = 100 * #stable pairs / #pairs (pooled over the dataset, as the authors' release does); the
 reported score is the mean over the percentiles. [37] instead averages a per-prototype stability over
 prototypes; that variant is returned as ``prototype_mean_score``.
+
+The ``stability`` analysis (:class:`StabilityAnalysis`) runs this over a part-annotated dataset in the pass it
+shares with consistency (:mod:`scaleprotoseg.analysis.parts`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from scaleprotoseg.analysis.components import as_numpy
 from scaleprotoseg.analysis.consistency import DEFAULT_PERCENTILES, _PartMetricBase, part_hits
+from scaleprotoseg.analysis.registry import Analysis
+from scaleprotoseg.analysis.results import MetricResult
+
+if TYPE_CHECKING:
+    from scaleprotoseg.analysis.context import AnalysisContext
 
 NOISE_STD = 0.2
 
@@ -93,3 +101,38 @@ class StabilityAccumulator(_PartMetricBase):
             "num_pairs": n,
             "evaluated": evaluated,
         }
+
+
+class StabilityAnalysis(Analysis):
+    """``stability``: Tables 3-4 under input noise of std ``--noise-std`` (one row per percentile and a mean row)."""
+
+    name = "stability"
+
+    def compute(self, ctx: AnalysisContext) -> MetricResult:
+        from scaleprotoseg.analysis.parts import shared_part_pass
+
+        found = shared_part_pass(ctx, self.name)
+        res = found.stability
+        assert res is not None  # asked for
+        n = res["num_pairs"]
+        rows = [
+            [p, res["scores"][p], None if not n else round(res["scores"][p] * n / 100.0), n] for p in res["percentiles"]
+        ]
+        rows.append(["mean", res["score"], None, n])
+        noise = ctx.options.noise_std
+        return MetricResult(
+            self.name,
+            "Stability of prototypes under input noise (Tables 3-4)",
+            {**res, "noise_std": noise, "part_names": found.part_names},
+            ["percentile", "stability_%", "stable_pairs", "pairs"],
+            rows,
+            {**found.meta, "noise_std": noise},
+            plot_data={"title": f"Stability: {found.title}"},
+        )
+
+    def figures(self, result: MetricResult) -> dict[str, Any]:
+        from scaleprotoseg.analysis.plots import plot_consistency_stability
+
+        if not np.isfinite(result.summary["score"]):
+            return {}
+        return {"": plot_consistency_stability(None, result.summary, title=result.plot_data["title"])}

@@ -2,7 +2,10 @@
 7, 9, 10, Figures 3 and 7). Each metric writes ``RUN/analysis/<metric>.{json,csv,png}``; see docs/analysis.md.
 
 ``scaleprotoseg analyze aggregate RUN RUN... --out DIR``: several runs (seeds) as mean +- std in the layout of
-Tables 1, 3-6 and 10 (:mod:`scaleprotoseg.analysis.aggregate`)."""
+Tables 1, 3-6 and 10 (:mod:`scaleprotoseg.analysis.aggregate`).
+
+``scaleprotoseg analyze compare RUN_A RUN_B``: the group activations of both runs side by side on run A's first
+validation images (Figure 6, :mod:`scaleprotoseg.analysis.groups_compare`), into ``RUN_A/analysis/``."""
 
 from __future__ import annotations
 
@@ -27,10 +30,13 @@ from scaleprotoseg.commands.options import (
 logger = logging.getLogger(__name__)
 
 AGGREGATE = "aggregate"
+COMPARE = "compare"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory, or 'aggregate' followed by several run directories")
+    parser.add_argument(
+        "run", help="run directory, 'aggregate' followed by several run directories, or 'compare' followed by two"
+    )
     parser.add_argument(
         "metrics",
         nargs="+",
@@ -74,14 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scaleprotoseg.analysis.results import format_table, write_result
-    from scaleprotoseg.analysis.runner import AnalysisOptions, Analyzer, MissingInput
+    from scaleprotoseg.analysis.results import format_table
+    from scaleprotoseg.analysis.runner import AnalysisContext, AnalysisOptions, MissingInput, run_metrics, save_result
     from scaleprotoseg.analysis.stability import NOISE_STD
     from scaleprotoseg.engine.distributed import resolve_device
     from scaleprotoseg.rundir import RunDir
 
     if args.run == AGGREGATE and not (Path(AGGREGATE) / "config.yaml").is_file():  # not a run named 'aggregate'
         return _aggregate(args.metrics, Path(args.out or AGGREGATE))
+    if args.run == COMPARE and not (Path(COMPARE) / "config.yaml").is_file():  # not a run named 'compare'
+        return _compare(args)
     if args.print_config:
         return print_config(run_config(args.run, args.stage, args.overrides))
     check_run_overrides(args.overrides)
@@ -108,19 +116,20 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         num_workers=args.workers,
     )
-    analyzer = Analyzer(args.run, resolve_device(args.device), options)
-    analyzer.cfg = apply_run_overrides(analyzer.cfg, args.overrides, args.run)
+    ctx = AnalysisContext.open(args.run, resolve_device(args.device), options, metrics)
+    ctx.cfg = apply_run_overrides(ctx.cfg, args.overrides, args.run)
     out = Path(args.out) if args.out else RunDir(args.run).analysis
     failed = []
-    for metric, result in analyzer.run_metrics(metrics):
+    for analysis, result in run_metrics(ctx, metrics):
+        metric = analysis.name
         if isinstance(result, Exception):
             if isinstance(result, MissingInput) and not every:
                 print(f"{metric}: error: {result}", file=sys.stderr)
                 failed.append(metric)
             else:
-                logger.info("%s: skipped (%s run): %s", metric, analyzer.info.method, result)
+                logger.info("%s: skipped (%s run): %s", metric, ctx.info.method, result)
             continue
-        paths = write_result(result, out)
+        paths = save_result(analysis, result, out)
         print(f"\n{result.title}")
         print(format_table(result.columns, result.rows))
         logger.info("-> %s", ", ".join(str(p) for p in paths.values()))
@@ -136,4 +145,30 @@ def _aggregate(runs: list[str], out: Path) -> int:
     for table in build_tables(records):
         print(table_markdown(table) + "\n")
     logger.info("-> %s (%d runs)", paths["tables"], len(records))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """``analyze compare RUN_A RUN_B``: Figure 6, written into RUN_A's analysis folder (or --out)."""
+    from scaleprotoseg.analysis.groups_compare import DEFAULT_IMAGES, GroupsCompareAnalysis
+    from scaleprotoseg.analysis.results import format_table
+    from scaleprotoseg.analysis.runner import AnalysisContext, AnalysisOptions, save_result
+    from scaleprotoseg.engine.distributed import resolve_device
+    from scaleprotoseg.rundir import RunDir
+
+    if len(args.metrics) != 2:
+        raise ValueError(f"analyze compare: got {len(args.metrics)} run(s); expected two: RUN_A RUN_B")
+    if args.max_images < 0:
+        raise ValueError(f"--max-images {args.max_images}: expected 0 (default: {DEFAULT_IMAGES}) or a positive count")
+    options = AnalysisOptions(
+        split=args.split, data_root=args.data_root, stage=args.stage, seed=args.seed, progress=not args.no_progress
+    )
+    device = resolve_device(args.device)
+    run_a, run_b = (AnalysisContext.open(r, device, options) for r in args.metrics)
+    analysis = GroupsCompareAnalysis(run_b, args.max_images or DEFAULT_IMAGES)
+    result = analysis.compute(run_a)
+    paths = save_result(analysis, result, Path(args.out) if args.out else RunDir(args.metrics[0]).analysis)
+    print(f"\n{result.title}")
+    print(format_table(result.columns, result.rows))
+    logger.info("-> %s", ", ".join(str(p) for p in paths.values()))
     return 0
