@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from scaleprotoseg.models.heads import ModelOutput
 from torch import nn
+
+from scaleprotoseg.models.heads import ModelOutput
 
 C = 3
 

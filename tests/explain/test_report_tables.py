@@ -121,6 +121,7 @@ def test_typed_command():
     assert typed_command({"argv": argv}) == "scaleprotoseg train -c 'my config.yaml' --run-dir runs/a"
     assert typed_command({"command": "/venv/bin/scaleprotoseg train -c c.yaml"}) == "scaleprotoseg train -c c.yaml"
     assert typed_command({"command": "/tmp/venv/bin/pytest -q tests/x.py"}) is None  # not the command line
+    assert typed_command({"argv": ["/venv/lib/pytest/__main__.py", "-q"]}) is None  # python -m pytest
     assert typed_command({"command": ""}) is None and typed_command({}) is None
 
 

@@ -33,7 +33,7 @@ from scaleprotoseg.rundir import RunDir
 __all__ = ["build_report", "typed_command"]
 
 _MAX_OPEN_CLASSES = 20  # more classes than this: each class's details start collapsed
-_PROGRAMS = ("scaleprotoseg", "__main__.py", "scaleprotoseg.exe")  # argv[0] of `scaleprotoseg` / `python -m`
+_PROGRAMS = ("scaleprotoseg", "scaleprotoseg.exe")  # the console script; python -m: .../scaleprotoseg/__main__.py
 
 
 def _read_json(path: Path, root: Path) -> Any:
@@ -125,7 +125,8 @@ def typed_command(record: Mapping[str, Any]) -> str | None:
             argv = shlex.split(cmd)
         except ValueError:
             argv = cmd.split()
-    if Path(str(argv[0])).name not in _PROGRAMS:
+    prog = Path(str(argv[0]))
+    if prog.name not in _PROGRAMS and not (prog.name == "__main__.py" and prog.parent.name == "scaleprotoseg"):
         return None
     return shlex.join(["scaleprotoseg", *(str(a) for a in argv[1:])])
 
