@@ -109,7 +109,7 @@ def test_stage_table_is_narrow_and_in_percent():
     assert html.count("</th>") == 8  # one column per kind of information, not one per flattened metric
     rows = [_cells(r) for r in re.findall(r"<tr>(.*?)</tr>", html.split("<tbody>")[1])]
     assert rows[0][:7] == ["joint", "train", "300", "done", "90.91", "96.19", "0.0873"]
-    assert rows[1][-1] == "24 → 22 prototypes, 2 duplicates removed" and rows[1][3] == "done"
+    assert rows[1][-1] == "24 → 22 prototypes, 2 duplicate(s) removed" and rows[1][3] == "done"
     assert rows[2][3] == "not run" and rows[2][-1] == "α = 0.05: 9 weights set to 0, 16 prototypes used"
     assert len(rows) == 3
 

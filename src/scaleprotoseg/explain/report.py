@@ -148,7 +148,7 @@ def _summary_section(run: RunDir, predictor: Any) -> str:
         "output stride": cfg.model.output_stride,
         "ASPP rates": ", ".join(str(r) for r in cfg.model.aspp_rates),
         "dataset": f"{cfg.data.name} ({cfg.data.root})",
-        "splits": f"train {cfg.data.train_split} · validation {cfg.data.val_split or '–'}",
+        "splits": f"training: {cfg.data.train_split} · validation: {cfg.data.val_split or '–'}",
         "classes": f"{len(info.class_names)}: {', '.join(info.class_names[:12])}"
         + (" …" if len(info.class_names) > 12 else ""),
     }
@@ -198,7 +198,7 @@ def _stage_result(rec: Mapping[str, Any]) -> str:
     if "prototypes_before" in rec:
         text = f"{rec['prototypes_before']} → {rec.get('prototypes_after', '?')} prototypes"
         if "duplicates_removed" in rec:
-            text += f", {rec['duplicates_removed']} duplicates removed"
+            text += f", {rec['duplicates_removed']} duplicate(s) removed"
         skip |= {"prototypes_before", "prototypes_after", "duplicates_removed"}
     elif "weights_zeroed" in rec:
         text = f"α = {fmt(rec.get('alpha'))}: {rec['weights_zeroed']} weights set to 0"
