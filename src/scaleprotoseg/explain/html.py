@@ -63,6 +63,7 @@ figure { margin: 0; background: #fff; border: 1px solid var(--line); border-radi
 figure img { display: block; max-width: 100%; height: auto; }
 figure a.zoom { cursor: zoom-in; }
 figure.small img { max-height: 300px; }
+figure.medium { max-width: min(100%, 640px); }
 figure.medium img { max-height: 460px; }
 figure.large img { max-height: 760px; }
 figure.wide { flex-basis: 100%; }
