@@ -158,3 +158,22 @@ def test_view_captions_do_not_repeat():
 def test_raw_cells_stay_html():
     html = data_table([Column("x", kind="html")], [[Raw("<b>bold</b>")], ["<i>"]])
     assert "<td><b>bold</b></td>" in html and "&lt;i&gt;" in html
+
+
+def test_commands_first_start_then_resumes(tmp_path):
+    import json
+
+    from scaleprotoseg.explain.report import _commands
+    from scaleprotoseg.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    run.append_history("start", command="/v/bin/scaleprotoseg train -c a.yaml --run-dir r")
+    run.append_history("resume", command="/v/bin/scaleprotoseg train --resume r")
+    env = {"argv": ["/v/bin/scaleprotoseg", "train", "--resume", "r"], "cwd": "/work/x"}
+    rows = _commands(run, env)
+    assert "scaleprotoseg train -c a.yaml --run-dir r" in rows["command"]
+    assert "resume" in rows["later commands"] and "scaleprotoseg train --resume r" in rows["later commands"]
+    assert "/work/x" in rows["working directory"]
+    only_env = _commands(RunDir(tmp_path / "fresh"), env)
+    assert "scaleprotoseg train --resume r" in only_env["command"] and "later commands" not in only_env
+    assert json.dumps(_commands(RunDir(tmp_path / "fresh"), {})) == "{}"

@@ -30,7 +30,7 @@ from scaleprotoseg.explain.html import Column, Raw, data_table, esc, figure, fmt
 from scaleprotoseg.explain.resources import confine
 from scaleprotoseg.rundir import RunDir
 
-__all__ = ["build_report", "typed_command"]
+__all__ = ["analysis_column", "build_report", "typed_command", "view_caption"]
 
 _MAX_OPEN_CLASSES = 20  # more classes than this: each class's details start collapsed
 _PROGRAMS = ("scaleprotoseg", "scaleprotoseg.exe")  # the console script; python -m: .../scaleprotoseg/__main__.py
@@ -168,11 +168,12 @@ def _summary_section(run: RunDir, predictor: Any) -> str:
 
 
 def _commands(run: RunDir, env: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"command": ..., "working directory": ..., "later commands": ...}`` from history.jsonl, else env.json."""
+    """``{"command": ..., "working directory": ..., "later commands": ...}``: the first start in history.jsonl and
+    the resumes after it, else env.json's command (env.json holds the latest invocation)."""
     starts = [r for r in _read_jsonl(run.history, run.root) if r.get("event") in ("start", "resume", "stages")]
-    first = typed_command(env) if env else None
-    if first is None and starts:
-        first = typed_command(starts[0])
+    first = typed_command(starts[0]) if starts else None
+    if first is None and env:
+        first = typed_command(env)
     out: dict[str, Any] = {}
     if first is not None:
         out["command"] = Raw(f'<span class="mono">{esc(first)}</span>')
