@@ -69,6 +69,8 @@ def scaleprotoseg_report(explain_runs, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("report_run") / "run"
     shutil.copytree(explain_runs["scaleprotoseg"], run)
+    for sub in ("eval", "analysis", "report"):  # what other tests may have written into the shared run
+        shutil.rmtree(run / sub, ignore_errors=True)
     assert main(["evaluate", str(run), "--split", "train", "--device", "cpu", "--no-progress", "--no-baselines"]) == 0
     assert main(["analyze", str(run), "components", "--device", "cpu", "--no-progress", "--max-images", "2"]) == 0
     (run / "analysis" / "sparsity.json").write_text(
