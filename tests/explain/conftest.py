@@ -60,17 +60,22 @@ def explained(explain_runs, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def scaleprotoseg_report(explain_runs):
-    """``scaleprotoseg report`` of the ScaleProtoSeg run (one explained validation image), via the CLI."""
+def scaleprotoseg_report(explain_runs, tmp_path_factory):
+    """``scaleprotoseg report`` of a copy of the ScaleProtoSeg run (one explained validation image, an analysis JSON
+    with a figure, a train-split evaluation that must not become the headline), via the CLI."""
+    import shutil
+
     from scaleprotoseg.cli import main
 
-    run = explain_runs["scaleprotoseg"]
-    (run / "analysis").mkdir(exist_ok=True)
+    run = tmp_path_factory.mktemp("report_run") / "run"
+    shutil.copytree(explain_runs["scaleprotoseg"], run)
+    for sub in ("eval", "analysis", "report"):  # what other tests may have written into the shared run
+        shutil.rmtree(run / sub, ignore_errors=True)
+    assert main(["evaluate", str(run), "--split", "train", "--device", "cpu", "--no-progress", "--no-baselines"]) == 0
+    assert main(["analyze", str(run), "components", "--device", "cpu", "--no-progress", "--max-images", "2"]) == 0
     (run / "analysis" / "sparsity.json").write_text(
         '{"tau": 0.005, "mean": 3.5, "per_class": [{"class": "square", "active": 4}, {"class": "disc", "active": 3}]}'
     )
-    import shutil
-
     shutil.copy(run / "final" / "prototypes" / "proto_0000.png", run / "analysis" / "sparsity_hist.png")
     assert main(["report", str(run), "--images", "1", "--device", "cpu"]) == 0
     return run / "report" / "index.html"

@@ -50,10 +50,10 @@ def test_an_edit_is_a_new_stage_that_predicts_what_the_what_if_showed(run_copy, 
 
     assert save_edit(run_copy, Ablation.of([], [0])).stage == "edit-002"
     assert [e.stage for e in list_edits(run_copy)] == ["edit-001", "edit-002"]
-    from scaleprotoseg.explain.report import _edits
+    from scaleprotoseg.explain.report import _edits_section
     from scaleprotoseg.rundir import RunDir
 
-    html = _edits(RunDir(run_copy), "val")
+    html = _edits_section(RunDir(run_copy), "val")
     assert "edit-001" in html and "fires on the border" in html and "not evaluated" in html
     with pytest.raises(ExploreError, match="removes nothing"):
         save_edit(run_copy, Ablation())

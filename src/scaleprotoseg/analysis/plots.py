@@ -42,7 +42,7 @@ def _named(results: Mapping[Any, Any], single_key: str) -> dict[str, Any]:
 
 
 def plot_components(results: Mapping[str, Any], path: str | Path | None = None, title: str | None = None) -> Any:
-    """Figure 3: (a) mean number and (b) mean pixel area of connected components per scale, one line per
+    """Figure 3: (a) mean number and (b) mean area (feature cells) of connected components per scale, one line per
     binarisation quantile p_th (line style per dataset when several are given)."""
     named = _named(results, "mean_count")
     fig, (ax_count, ax_area) = new_figure(2)
@@ -56,14 +56,15 @@ def plot_components(results: Mapping[str, Any], path: str | Path | None = None, 
             ax_area.plot(scales, np.asarray(res["mean_area"])[:, qi], **kw)
     for ax, what in (
         (ax_count, "(a) Average number of connected components"),
-        (ax_area, "(b) Average pixel area of the components"),
+        (ax_area, "(b) Average area of the components"),
     ):
         ax.set_xlabel("Scale")
         ax.set_title(what)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     ax_count.set_ylabel("Connected components per map")
-    ax_area.set_ylabel("Pixels per component")
+    units = {str(r.get("area_unit", "feature cells")) for r in named.values()}
+    ax_area.set_ylabel(f"Area per component ({', '.join(sorted(units))})")
     for ax in (ax_count, ax_area):
         ax.set_xticks(sorted({int(s) + 1 for r in named.values() for s in np.asarray(r["scales"])}))
     fig.suptitle(title or "Binarised prototype activations per scale")

@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from scaleprotoseg.data.registry import build_dataset
     from scaleprotoseg.engine import distributed as dist_utils
     from scaleprotoseg.evaluation.evaluate import evaluate
-    from scaleprotoseg.evaluation.miou import write_results
-    from scaleprotoseg.evaluation.plots import plot_confusion_matrix, plot_per_class_iou
+    from scaleprotoseg.evaluation.split import evaluate_split
     from scaleprotoseg.rundir import BASELINES, RunDir
 
     if args.print_config:
@@ -82,33 +81,24 @@ def run(args: argparse.Namespace) -> int:
     dataset = build_dataset(d, split, train=False)
     check_same_classes(list(dataset.info.class_names), list(info.class_names), d.root, args.run)
     settings = inference_settings(args, d)
-    res = evaluate(
+    out = Path(args.out) if args.out else RunDir(args.run).eval_dir(args.stage, split)
+    if ablation is not None and not args.out:
+        out = out.with_name(f"{out.name}-without-{ablation.label()}")
+    done = evaluate_split(
         model,
         dataset,
-        num_classes=len(info.class_names),
+        class_names=info.class_names,
+        out_dir=out if info_dist.is_main else None,
         ignore_index=info.ignore_index,
         device=device,
         inference=settings,
         max_samples=args.max_images,
         progress=not args.no_progress,
+        summary={"run": str(args.run), "stage": args.stage or "final", "split": split},
     )
     if not info_dist.is_main:
         return 0
-    out = Path(args.out) if args.out else RunDir(args.run).eval_dir(args.stage, split)
-    if ablation is not None and not args.out:
-        out = out.with_name(f"{out.name}-without-{ablation.label()}")
-    write_results(res, info.class_names, out)
-    plot_confusion_matrix(res["matrix"], info.class_names, out / "confusion_matrix.png")
-    plot_per_class_iou(res["iou"], info.class_names, out / "per_class_iou.png")
-    summary = {
-        "run": str(args.run),
-        "stage": args.stage or "final",
-        "split": split,
-        "miou": res["miou"],
-        "pixel_accuracy": res["pixel_accuracy"],
-        "num_images": res["num_images"],
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    res, summary = done.result, done.summary
     print(
         f"mIoU {100 * res['miou']:.2f}  pixel accuracy {100 * res['pixel_accuracy']:.2f}  "
         f"({res['num_images']} images, {split}, {args.stage or 'final'})"

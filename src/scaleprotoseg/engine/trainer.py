@@ -10,6 +10,7 @@ function of :mod:`scaleprotoseg.engine.stages`, the gradient steps are :mod:`sca
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 import time
@@ -45,6 +46,8 @@ def _stage_seed(seed: int, stage_index: int) -> int:
 
 
 def environment_info(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
+    """Versions, seed and the start of the run; ``argv`` (the command line of ``scaleprotoseg train``) is kept as a
+    list beside the joined ``command``, with the working directory its relative paths are relative to."""
     import numpy
 
     return {
@@ -55,6 +58,8 @@ def environment_info(cfg: Config, argv: list[str] | None = None) -> dict[str, An
         "cuda": torch.version.cuda,
         "seed": cfg.train.seed,
         "command": " ".join(argv if argv is not None else sys.argv),
+        **({"argv": [str(a) for a in argv]} if argv is not None else {}),
+        "cwd": os.getcwd(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

@@ -1,15 +1,31 @@
-"""Small, dependency-free HTML building blocks for the static report: escaping, tables, figures, a generic renderer
-for JSON results (a mapping of scalars or a list of rows becomes a table) and the page with its inline CSS."""
+"""Small, dependency-free HTML building blocks for the static report: escaping, tables of labelled columns with units
+(:class:`Column`, :func:`data_table`), figures that enlarge on a click (CSS only), a generic renderer for JSON results
+(a mapping of scalars or a list of rows becomes a table) and the page with its inline CSS. No table cell ever shows
+raw JSON: lists and mappings are written as text (``a, b`` and ``key: value; ...``)."""
 
 from __future__ import annotations
 
+import hashlib
 import html
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-__all__ = ["Raw", "esc", "figure", "fmt", "kv_table", "page", "render_json", "table"]
+__all__ = [
+    "Column",
+    "Raw",
+    "data_table",
+    "esc",
+    "figure",
+    "fmt",
+    "kv_table",
+    "page",
+    "percent",
+    "plain",
+    "render_json",
+    "table",
+]
 
 CSS = """
 :root { --fg: #1d2330; --muted: #5b6475; --line: #dde2ea; --bg: #f6f7f9; --accent: #2f6fb0; }
@@ -33,17 +49,32 @@ th, td { border: 1px solid var(--line); padding: 4px 9px; text-align: left; vert
 th { background: #eef1f5; font-weight: 600; }
 tr:nth-child(even) td { background: #fafbfc; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th .unit { font-weight: 400; color: var(--muted); }
+caption { caption-side: top; text-align: left; color: var(--muted); font-size: 12px; padding: 2px 0 4px; }
 .kv th { width: 220px; }
+.kv td { overflow-wrap: anywhere; }
 .scroll { overflow-x: auto; max-width: 100%; }
 .note { color: var(--muted); font-style: italic; }
+.headline { font-size: 16px; margin: 10px 0; }
+.headline b { font-size: 20px; }
 .figs { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; }
-figure { margin: 0; background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 6px; }
+figure { margin: 0; background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 6px;
+         min-width: 0; max-width: 100%; }
 figure img { display: block; max-width: 100%; height: auto; }
-figure.small img { max-height: 220px; }
-figure.medium img { max-height: 420px; }
+figure a.zoom { cursor: zoom-in; }
+figure.small img { max-height: 300px; }
+figure.medium { max-width: min(100%, 640px); }
+figure.medium img { max-height: 460px; }
+figure.large img { max-height: 760px; }
 figure.wide { flex-basis: 100%; }
 figcaption { font-size: 12px; color: var(--muted); margin-top: 4px; max-width: 560px; }
-img.patch { height: 48px; image-rendering: pixelated; border: 1px solid var(--line); vertical-align: middle; }
+.lightbox { display: none; }
+.lightbox:target { display: flex; position: fixed; inset: 0; z-index: 10; background: rgba(12, 16, 24, 0.9);
+                   flex-direction: column; align-items: center; justify-content: center; gap: 8px; }
+.lightbox a.close { position: absolute; inset: 0; cursor: zoom-out; }
+.lightbox img { position: relative; max-width: 96vw; max-height: 88vh; background: #fff; pointer-events: none; }
+.lightbox span { position: relative; color: #e8ecf2; font-size: 13px; pointer-events: none; }
+img.patch { height: 56px; image-rendering: pixelated; border: 1px solid var(--line); vertical-align: middle; }
 .member { display: inline-block; margin: 2px 10px 2px 0; white-space: nowrap; }
 .swatch { display: inline-block; width: 14px; height: 14px; border: 1px solid #555; vertical-align: -2px;
           margin-right: 6px; border-radius: 3px; }
@@ -76,15 +107,93 @@ def fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def plain(v: Any, digits: int = 4, limit: int = 200) -> str:
+    """Text for any value in a cell: scalars with :func:`fmt`, lists as ``a, b, c``, mappings as ``key: value; ...``
+    (never JSON brackets), cut at ``limit`` characters."""
+    if isinstance(v, Mapping):
+        text = "; ".join(f"{k}: {plain(x, digits, limit)}" for k, x in v.items()) or "–"
+    elif isinstance(v, (list, tuple)):
+        text = ", ".join(plain(x, digits, limit) for x in v) or "–"
+    else:
+        text = fmt(v, digits)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def percent(v: Any, digits: int = 2) -> str:
+    """A fraction in [0, 1] as a percentage with ``digits`` decimals (``0.4213`` -> ``"42.13 %"``); None -> dash."""
+    if v is None or not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+        return "–"
+    return f"{100 * float(v):.{digits}f} %"
+
+
 def _cell(v: Any) -> str:
     if isinstance(v, Raw):
         return f"<td>{v}</td>"
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return f'<td class="num">{esc(fmt(v))}</td>'
-    if isinstance(v, (dict, list)):
-        text = json.dumps(v, default=str)
-        return f'<td class="mono">{esc(text if len(text) <= 160 else text[:157] + "...")}</td>'
-    return f"<td>{esc(fmt(v))}</td>"
+    return f"<td>{esc(plain(v))}</td>"
+
+
+Format = Literal["text", "int", "float", "fraction%", "%", "html"]
+
+
+@dataclass(frozen=True)
+class Column:
+    """A labelled table column: ``label`` and ``unit`` make the header (``label (unit)``); ``kind`` formats the cells.
+
+    ``text``: any value as plain text; ``int``: whole numbers with thousands separators; ``float``: ``digits``
+    significant digits; ``fraction%``: a fraction shown in percent with ``digits`` decimals (mIoU: 0.4213 -> 42.13);
+    ``%``: a value already in percent, ``digits`` decimals; ``html``: the cell is trusted HTML (:class:`Raw`).
+    ``note`` becomes the header's tooltip."""
+
+    label: str
+    unit: str = ""
+    kind: Format = "text"
+    digits: int = 4
+    note: str = ""
+
+    @property
+    def header(self) -> str:
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+    def cell(self, v: Any) -> str:
+        """The ``<td>`` of value ``v`` in this column."""
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if self.kind == "html":
+            return f"<td>{v if isinstance(v, Raw) else esc(plain(v))}</td>"
+        if not numeric or math.isnan(float(v)):
+            return f"<td>{esc(plain(v)) if v is not None and not numeric else '–'}</td>"
+        if self.kind == "fraction%":
+            text = f"{100 * float(v):.{self.digits}f}"
+        elif self.kind == "%":
+            text = f"{float(v):.{self.digits}f}"
+        elif self.kind == "int":
+            text = f"{int(round(v)):,}" if float(v).is_integer() else fmt(float(v), self.digits)
+        else:
+            text = fmt(v, self.digits)
+        return f'<td class="num">{esc(text)}</td>'
+
+
+def data_table(columns: Sequence[Column], rows: Iterable[Sequence[Any]], *, caption: str = "", cls: str = "") -> str:
+    """A table of labelled columns (header ``label (unit)``, cells formatted by each :class:`Column`) inside a
+    horizontally scrolling container, so a wide table never widens the page."""
+    head = "".join(_header(c) for c in columns)
+    body = []
+    for r in rows:
+        if len(r) != len(columns):
+            raise ValueError(f"a row of {len(r)} cells in a table of {len(columns)} columns: {list(r)!r:.120}")
+        body.append("<tr>" + "".join(c.cell(v) for c, v in zip(columns, r)) + "</tr>")
+    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+    opening = f'<table class="{esc(cls)}">' if cls else "<table>"
+    return (
+        f'<div class="scroll">{opening}{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    )
+
+
+def _header(c: Column) -> str:
+    title = f' title="{esc(c.note)}"' if c.note else ""
+    unit = f' <span class="unit">({esc(c.unit)})</span>' if c.unit else ""
+    return f"<th{title}>{esc(c.label)}{unit}</th>"
 
 
 def table(headers: Sequence[Any] | None, rows: Iterable[Sequence[Any]], *, cls: str = "") -> str:
@@ -101,17 +210,23 @@ def table(headers: Sequence[Any] | None, rows: Iterable[Sequence[Any]], *, cls: 
 def kv_table(items: Mapping[str, Any]) -> str:
     """A two-column key/value table."""
     rows = "".join(
-        f"<tr><th>{esc(k)}</th><td>{v if isinstance(v, Raw) else esc(fmt(v))}</td></tr>" for k, v in items.items()
+        f"<tr><th>{esc(k)}</th><td>{v if isinstance(v, Raw) else esc(plain(v, limit=400))}</td></tr>"
+        for k, v in items.items()
     )
     return f'<div class="scroll"><table class="kv">{rows}</table></div>'
 
 
 def figure(src: str, caption: str | None = None, *, cls: str = "medium", alt: str | None = None) -> str:
-    """An image (relative path) linking to itself, with a caption."""
+    """An image (relative path) as a thumbnail with a caption; a click shows it enlarged over the page (CSS
+    ``:target``, no script) and a click on the dark backdrop closes it again."""
+    key = hashlib.sha1(f"{src}\0{caption}".encode()).hexdigest()[:10]
     cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
+    text = esc(alt or caption or src)
     return (
-        f'<figure class="{esc(cls)}"><a href="{esc(src)}"><img src="{esc(src)}" alt="{esc(alt or caption or src)}"'
-        f' loading="lazy"></a>{cap}</figure>'
+        f'<figure class="{esc(cls)}" id="f-{key}"><a class="zoom" href="#z-{key}" title="click to enlarge">'
+        f'<img src="{esc(src)}" alt="{text}" loading="lazy"></a>{cap}</figure>'
+        f'<div class="lightbox" id="z-{key}"><a class="close" href="#f-{key}" title="close"></a>'
+        f'<img src="{esc(src)}" alt="{text}" loading="lazy"><span>{esc(caption or "")} · click to close</span></div>'
     )
 
 
@@ -149,8 +264,7 @@ def render_json(data: Any, *, depth: int = 0, max_rows: int = 200, max_depth: in
     if _is_scalar(data):
         return f"<p>{esc(fmt(data))}</p>"
     if depth > max_depth:
-        text = json.dumps(data, default=str)
-        return f'<p class="mono">{esc(text[:400] + ("..." if len(text) > 400 else ""))}</p>'
+        return f"<p>{esc(plain(data, limit=400))}</p>"
     if isinstance(data, Mapping):
 
         def flat(v: Any) -> bool:
@@ -193,7 +307,9 @@ def render_json(data: Any, *, depth: int = 0, max_rows: int = 200, max_depth: in
             rows = [[_cell_value(x.get(c)) if _cellish(x.get(c)) else x.get(c) for c in cols] for x in items]
             return table(cols, rows) + note
         if all(isinstance(x, (list, tuple)) and all(_is_scalar(y) for y in x) for x in items):
-            return table(None, items) + note
+            width = max(len(x) for x in items)
+            matrix = [[i, *x, *[None] * (width - len(x))] for i, x in enumerate(items)]
+            return table(["row", *[f"column {j}" for j in range(width)]], matrix) + note
         if all(_is_scalar(x) for x in items):
             return f"<p>{esc(', '.join(fmt(x) for x in items))}</p>" + note
         return "".join(render_json(x, depth=depth + 1, max_rows=max_rows, max_depth=max_depth) for x in items) + note

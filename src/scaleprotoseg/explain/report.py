@@ -1,34 +1,39 @@
 """``build_report``: one static, self-contained HTML page about a run (``RUN/report/index.html``).
 
-Sections: run summary (method, backbone, dataset, stages with their metrics), evaluation (the latest
-``RUN/eval/*/metrics.json`` and ``per_class_iou.csv``, else a validation evaluation computed here when the data is
-available), the interpretability analyses found in ``RUN/analysis/`` (every JSON rendered generically, every PNG
-shown), the prototypes and groups of every class (table + group graph, Figures 4-5), and explained sample images
-(``explain_image`` on the first validation images, or on given images). Every image is a file under the report
-directory referenced by a relative path and there is no external CSS or JS, so the folder works offline and can be
-moved as a whole.
+One function per section, each building its tables from labelled columns with units (:class:`Column`): the run
+summary (method, backbone, dataset and the training command as typed), training (the stages with their validation
+mIoU, the weighted loss terms, the group weights, the curves), the evaluation (headline: always the validation
+split, ``RUN/eval/<stage>-<val split>``, evaluated here through :func:`evaluate_split` when missing; other splits
+are listed below it, never as the headline), the interpretability analyses of ``RUN/analysis/`` (their main table
+with labelled columns, settings and figures), the prototypes and groups of every class (table + group graph,
+Figures 4-5), expert edits and explained sample images. mIoU and IoU are always percentages with 2 decimals.
+
+Every image is a file under the report directory referenced by a relative path, enlarged on a click by CSS alone;
+there is no external CSS or JS, so the folder works offline and can be moved as a whole.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import shlex
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from scaleprotoseg.explain import figures as F
-from scaleprotoseg.explain.html import Raw, esc, figure, fmt, kv_table, page, render_json, table
+from scaleprotoseg.explain.html import Column, Raw, data_table, esc, figure, fmt, kv_table, page, percent, render_json
 from scaleprotoseg.explain.resources import confine
 from scaleprotoseg.rundir import RunDir
 
-__all__ = ["build_report"]
+__all__ = ["analysis_column", "build_report", "typed_command", "view_caption"]
 
 _MAX_OPEN_CLASSES = 20  # more classes than this: each class's details start collapsed
+_PROGRAMS = ("scaleprotoseg", "scaleprotoseg.exe")  # the console script; python -m: .../scaleprotoseg/__main__.py
 
 
 def _read_json(path: Path, root: Path) -> Any:
@@ -56,6 +61,29 @@ def _read_jsonl(path: Path, root: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _read_csv(path: Path, root: Path) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of a CSV inside ``root``, numbers parsed (empty cells -> None)."""
+    confine(path, root)
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return [], []
+
+    def value(text: str) -> Any:
+        if text == "":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+
+    width = len(rows[0])
+    return rows[0], [[value(c) for c in r][:width] + [None] * (width - len(r)) for r in rows[1:] if r]
+
+
 def _copy(src: Path, out: Path, rel: str, root: Path) -> str:
     """Copy ``src`` (which must resolve inside the run directory ``root``) to ``out/rel``; ``rel`` (posix) for the
     HTML."""
@@ -64,16 +92,6 @@ def _copy(src: Path, out: Path, rel: str, root: Path) -> str:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dst)
     return Path(rel).as_posix()
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        elif v is None or isinstance(v, (int, float, str, bool)):
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _val_dataset(cfg: Any) -> tuple[Any, str | None]:
@@ -94,80 +112,185 @@ def _val_dataset(cfg: Any) -> tuple[Any, str | None]:
     return ds, None
 
 
+def typed_command(record: Mapping[str, Any]) -> str | None:
+    """The ``scaleprotoseg`` command line of a training start as one would type it again (``scaleprotoseg train -c
+    ... --run-dir ...``), from ``env.json`` (its ``argv`` list, else the joined ``command``) or a ``history.jsonl``
+    record; None when the run was not started from the command line (e.g. through the Python API)."""
+    argv = record.get("argv")
+    if not (isinstance(argv, list) and argv):
+        cmd = record.get("command")
+        if not isinstance(cmd, str) or not cmd.strip():
+            return None
+        try:
+            argv = shlex.split(cmd)
+        except ValueError:
+            argv = cmd.split()
+    prog = Path(str(argv[0]))
+    if prog.name not in _PROGRAMS and not (prog.name == "__main__.py" and prog.parent.name == "scaleprotoseg"):
+        return None
+    return shlex.join(["scaleprotoseg", *(str(a) for a in argv[1:])])
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Sections
+# Run summary
 # ---------------------------------------------------------------------------------------------------------------
-def _summary(run: RunDir, predictor: Any, out: Path) -> str:
+def _summary_section(run: RunDir, predictor: Any) -> str:
     from scaleprotoseg.explain.structure import prototype_head
 
     cfg, info = predictor.cfg, predictor.info
     head = prototype_head(predictor.model)
-    state = _read_json(run.state_file, run.root) or {}
     env = _read_json(run.env, run.root) or {}
     items: dict[str, Any] = {
         "run": run.root.resolve().name,
         "method": info.method,
-        "checkpoint stage": info.stage or "final",
+        "checkpoint": f"{predictor.stage or 'final'} (last stage: {info.stage or 'final'})",
         "backbone": cfg.model.backbone,
         "output stride": cfg.model.output_stride,
         "ASPP rates": ", ".join(str(r) for r in cfg.model.aspp_rates),
         "dataset": f"{cfg.data.name} ({cfg.data.root})",
-        "classes": len(info.class_names),
+        "splits": f"training: {cfg.data.train_split} · validation: {cfg.data.val_split or '–'}",
+        "classes": f"{len(info.class_names)}: {', '.join(info.class_names[:12])}"
+        + (" …" if len(info.class_names) > 12 else ""),
     }
     if head is not None:
-        items["prototypes"] = int(head.prototype_class.numel())
-        items["scales"] = head.num_scales
+        items["prototypes"] = f"{int(head.prototype_class.numel())} ({head.num_scales} scale(s))"
         if head.grouping is not None:
             items["groups"] = f"{head.grouping.num_groups} ({head.grouping.groups_per_class} per class)"
             items["prototypes used by groups"] = int(head.grouping.used_prototypes().numel())
     if env:
-        items["trained"] = env.get("time", "")
-        items["command"] = env.get("command", "")
-    body = [kv_table(items)]
+        items["trained"] = env.get("time", "–")
+        items["environment"] = (
+            f"Python {env.get('python', '?')}, torch {env.get('torch', '?')}, "
+            f"CUDA {env.get('cuda') or 'none'}, seed {env.get('seed', '?')}"
+        )
+    items.update(_commands(run, env))
+    return kv_table(items)
 
-    records = _read_jsonl(run.metrics, run.root)
-    ends = {r["stage"]: r for r in records if r.get("event") == "stage_end" and "stage" in r}
-    completed = set(state.get("completed", []))
-    stages = [(n, s) for n, s in cfg.train.stages.items() if s.enabled]
-    metric_keys: list[str] = []
-    for n, _ in stages:
-        for k in _flatten(ends.get(n, {})):
-            if k not in ("stage", "kind", "event", "steps") and not k.startswith("groups.") and k not in metric_keys:
-                metric_keys.append(k)
+
+def _commands(run: RunDir, env: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"command": ..., "working directory": ..., "later commands": ...}``: the first start in history.jsonl and
+    the resumes after it, else env.json's command (env.json holds the latest invocation)."""
+    starts = [r for r in _read_jsonl(run.history, run.root) if r.get("event") in ("start", "resume", "stages")]
+    first = typed_command(starts[0]) if starts else None
+    if first is None and env:
+        first = typed_command(env)
+    out: dict[str, Any] = {}
+    if first is not None:
+        out["command"] = Raw(f'<span class="mono">{esc(first)}</span>')
+        if env.get("cwd"):
+            out["working directory"] = Raw(f'<span class="mono">{esc(env["cwd"])}</span>')
+    elif env.get("command") or starts:
+        out["command"] = "not started with the scaleprotoseg command (trained through the Python API)"
+    later = [(r, typed_command(r)) for r in starts[1:]]
+    later_html = [
+        f"{esc(r.get('time', ''))} {esc(r['event'])}: <span class='mono'>{esc(c)}</span>" for r, c in later if c
+    ]
+    if later_html:
+        out["later commands"] = Raw("<br>".join(later_html))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+def _stage_result(rec: Mapping[str, Any]) -> str:
+    """What a non-gradient stage did, in words (projection, pruning, threshold), else its other scalar fields."""
+    skip = {"stage", "kind", "event", "steps", "loss", "groups", "val_miou", "val_pixel_accuracy"}
+    if "prototypes_before" in rec:
+        text = f"{rec['prototypes_before']} → {rec.get('prototypes_after', '?')} prototypes"
+        if "duplicates_removed" in rec:
+            text += f", {rec['duplicates_removed']} duplicate(s) removed"
+        skip |= {"prototypes_before", "prototypes_after", "duplicates_removed"}
+    elif "weights_zeroed" in rec:
+        text = f"α = {fmt(rec.get('alpha'))}: {rec['weights_zeroed']} weights set to 0"
+        if "prototypes_used" in rec:
+            text += f", {rec['prototypes_used']} prototypes used"
+        skip |= {"alpha", "weights_zeroed", "prototypes_used"}
+    else:
+        text = ""
+    rest = [
+        f"{k.replace('_', ' ')} {fmt(v)}" for k, v in rec.items() if k not in skip and not isinstance(v, (dict, list))
+    ]
+    return "; ".join(x for x in [text, ", ".join(rest)] if x) or "–"
+
+
+_STAGE_COLUMNS = (
+    Column("stage"),
+    Column("kind"),
+    Column("steps", kind="int"),
+    Column("status"),
+    Column("validation mIoU", "%", "fraction%", 2),
+    Column("validation pixel accuracy", "%", "fraction%", 2),
+    Column("total loss", "weighted sum", "float", 4, note="the loss the stage minimised (table below)"),
+    Column("result"),
+)
+
+
+def _stages_table(cfg: Any, ends: Mapping[str, Mapping[str, Any]], completed: set[str]) -> str:
     rows = []
-    for n, s in stages:
-        m = _flatten(ends.get(n, {}))
+    for n, s in cfg.train.stages.items():
+        if not s.enabled:
+            continue
+        e = ends.get(n, {})
+        loss = e.get("loss") if isinstance(e.get("loss"), dict) else {}
         rows.append(
             [
                 n,
                 s.kind,
-                s.steps if s.kind == "train" else "–",
+                s.steps if s.kind in ("train", "proto_finetune") else None,
                 "done" if n in completed else "not run",
-                *[m.get(k) for k in metric_keys],
+                e.get("val_miou"),
+                e.get("val_pixel_accuracy"),
+                loss.get("total"),
+                _stage_result(e),
             ]
         )
-    body.append("<h3>Training stages</h3>")
-    body.append(table(["stage", "kind", "steps", "status", *metric_keys], rows))
-    body.append(_groups_table(ends, stages))
-    curves = _training_curves(records, stages, out / "assets" / "training_curves.png")
-    if curves:
-        body.append(f'<div class="figs">{figure(curves, "training loss per step and validation mIoU per stage")}</div>')
-    return "".join(body)
+    return data_table(_STAGE_COLUMNS, rows)
 
 
-# (header, key of the ``groups`` record the trainer writes into a group stage's stage_end metrics)
+def _loss_table(cfg: Any, ends: Mapping[str, Mapping[str, Any]], stages: list[str]) -> str:
+    """Per gradient stage: each loss term times its weight (config ``loss``), and their sum, the total."""
+    recs = [(n, ends[n]["loss"]) for n in stages if isinstance(ends.get(n, {}).get("loss"), dict)]
+    if not recs:
+        return ""
+    terms: list[str] = []
+    for _, loss in recs:
+        terms += [k for k in loss if k != "total" and k not in terms]
+    weights = {t: getattr(cfg.loss, t, None) for t in terms}
+    cols = [Column("stage")]
+    for t in terms:
+        w = weights[t]
+        cols.append(Column(t, f"× {w:g}" if isinstance(w, (int, float)) else "unweighted", "float", 4))
+    cols.append(Column("total", "weighted sum", "float", 4))
+    rows = []
+    for n, loss in recs:
+        cells: list[Any] = [n]
+        for t in terms:
+            v, w = loss.get(t), weights[t]
+            cells.append(None if v is None else (float(v) * w if isinstance(w, (int, float)) else v))
+        rows.append([*cells, loss.get("total")])
+    given = ", ".join(f"{t} {weights[t]:g}" for t in terms if isinstance(weights[t], (int, float)))
+    return (
+        "<h3>Loss terms</h3>"
+        f'<p>Each term multiplied by its weight (the config\'s <span class="mono">loss</span> section: {esc(given)}); '
+        "a row adds up to the total the stage minimised. Values are the moving averages (factor 0.9) at the end of the "
+        "stage; a dash: the stage does not use the term.</p>" + data_table(cols, rows)
+    )
+
+
+# (column, key of the ``groups`` record the trainer writes into a group stage's stage_end metrics)
 _GROUP_COLUMNS = (
-    ("entropy before", "entropy_before"),
-    ("entropy after", "entropy_after"),
-    ("mean |Δw|", "weight_change_mean"),
-    ("max |Δw|", "weight_change_max"),
-    ("‖Δw‖_F", "weight_change_frobenius"),
-    ("max |Δh_group|", "h_group_change_max"),
+    (Column("entropy before", "Eq. 8, 0-1", "float", 4), "entropy_before"),
+    (Column("entropy after", "Eq. 8, 0-1", "float", 4), "entropy_after"),
+    (Column("mean |Δw|", kind="float"), "weight_change_mean"),
+    (Column("max |Δw|", kind="float"), "weight_change_max"),
+    (Column("‖Δw‖_F", kind="float"), "weight_change_frobenius"),
+    (Column("max |Δh_group|", kind="float"), "h_group_change_max"),
 )
 _GROUPS_BARELY_MOVED = 0.1  # below this bound on every |Δw| since the initialisation, the groups are flagged
 
 
-def _groups_table(ends: dict[str, dict[str, Any]], stages: list[tuple[str, Any]]) -> str:
+def _groups_table(ends: Mapping[str, Mapping[str, Any]], stages: list[tuple[str, Any]]) -> str:
     """The "Groups" table: per stage that trained the groups, the mean normalised row entropy (Eq. 8) before and
     after it, how far the group weights w_g moved (mean and max |Δw| over the class members, Frobenius norm) and
     max |Δh_group|. A note when all group stages together moved no weight by ``_GROUPS_BARELY_MOVED`` or more."""
@@ -180,7 +303,7 @@ def _groups_table(ends: dict[str, dict[str, Any]], stages: list[tuple[str, Any]]
         "<p>Per stage that trained the group weights w<sub>g</sub> (Eq. 2): the mean entropy of the group rows "
         "normalised by log |P<sub>c</sub>| (Eq. 8; 1 = uniform, 0 = one prototype) before and after the stage, and "
         "how far the stage moved w<sub>g</sub> (over the class members) and h<sub>group</sub>.</p>",
-        table(["stage", *[h for h, _ in _GROUP_COLUMNS]], rows),
+        data_table([Column("stage"), *[c for c, _ in _GROUP_COLUMNS]], rows),
     ]
     moved = [g.get("weight_change_max") for _, g in recs]
     if all(isinstance(v, (int, float)) for v in moved) and sum(moved) < _GROUPS_BARELY_MOVED:
@@ -192,6 +315,28 @@ def _groups_table(ends: dict[str, dict[str, Any]], stages: list[tuple[str, Any]]
     return "".join(body)
 
 
+def _training_section(run: RunDir, cfg: Any, out: Path) -> str:
+    state = _read_json(run.state_file, run.root) or {}
+    records = _read_jsonl(run.metrics, run.root)
+    ends = {r["stage"]: r for r in records if r.get("event") == "stage_end" and "stage" in r}
+    stages = [(n, s) for n, s in cfg.train.stages.items() if s.enabled]
+    body = [
+        "<p>The stages of the config in order; validation mIoU measured on the validation split at the end of each "
+        "stage.</p>",
+        _stages_table(cfg, ends, set(state.get("completed", []))),
+        _loss_table(cfg, ends, [n for n, _ in stages]),
+        _groups_table(ends, stages),
+    ]
+    curves = _training_curves(records, stages, out / "assets" / "training_curves.png")
+    if curves:
+        body.append(
+            '<div class="figs">'
+            + figure(curves, "total (weighted) loss per training step; validation mIoU after each stage", cls="large")
+            + "</div>"
+        )
+    return "".join(body)
+
+
 def _training_curves(records: list[dict[str, Any]], stages: list[tuple[str, Any]], path: Path) -> str | None:
     steps = [r for r in records if "event" not in r and isinstance(r.get("total"), (int, float))]
     vals = [(r["stage"], r["val_miou"]) for r in records if r.get("event") == "stage_end" and "val_miou" in r]
@@ -199,15 +344,16 @@ def _training_curves(records: list[dict[str, Any]], stages: list[tuple[str, Any]
         return None
     fig = F.new_figure(11, 3.6, layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    order = [n for n, _ in stages]
     x0 = 0
-    for i, n in enumerate(order):
-        ys = [float(r["total"]) for r in steps if r.get("stage") == n]
-        if ys:
-            ax1.plot(range(x0, x0 + len(ys)), ys, color=f"C{i % 10}", label=n, marker="." if len(ys) < 30 else None)
-            x0 += len(ys)
-    ax1.set_xlabel("logged step")
-    ax1.set_ylabel("total loss")
+    for i, (n, s) in enumerate(stages):
+        mine = [r for r in steps if r.get("stage") == n]
+        if mine:
+            xs = [x0 + int(r.get("step", j + 1)) for j, r in enumerate(mine)]
+            ys = [float(r["total"]) for r in mine]
+            ax1.plot(xs, ys, color=f"C{i % 10}", label=n, marker="." if len(ys) < 30 else None)
+            x0 = max(xs[-1], x0 + int(getattr(s, "steps", 0) or 0))
+    ax1.set_xlabel("training step (all stages)")
+    ax1.set_ylabel("total loss (weighted sum)")
     ax1.set_title("Training loss")
     if steps:
         ax1.legend(fontsize=8)
@@ -215,99 +361,151 @@ def _training_curves(records: list[dict[str, Any]], stages: list[tuple[str, Any]
     if vals:
         ax2.plot([v[0] for v in vals], [100 * float(v[1]) for v in vals], marker="o")
         ax2.tick_params(axis="x", labelrotation=30, labelsize=8)
-    ax2.set_ylabel("mIoU (%)")
+    ax2.set_ylabel("validation mIoU (%)")
     ax2.set_title("Validation mIoU at the end of each stage")
     ax2.grid(alpha=0.3)
     F.save_figure(fig, path)
     return "assets/training_curves.png"
 
 
-def _eval_tables(metrics: dict[str, Any], csv_path: Path | None, names: list[str]) -> str:
-    keys = ["miou", "pixel_accuracy", "mean_accuracy", "num_images", "num_present", "mode", "seconds_per_image"]
-    summary = {k: metrics[k] for k in keys if k in metrics}
-    for k in ("miou", "pixel_accuracy", "mean_accuracy"):
-        if isinstance(summary.get(k), (int, float)):
-            summary[k] = f"{100 * float(summary[k]):.2f} %"
-    body = [kv_table(summary)]
-    rows = []
-    if csv_path is not None and csv_path.is_file():
-        with csv_path.open() as f:
-            for r in csv.DictReader(f):
-                iou = r.get("iou", "")
-                rows.append(
-                    [
-                        r.get("class", ""),
-                        f"{100 * float(iou):.2f}" if iou else "–",
-                        r.get("gt_pixels", ""),
-                        r.get("pred_pixels", ""),
-                    ]
-                )
-    elif isinstance(metrics.get("per_class_iou"), dict):
-        rows = [[k, "–" if v is None else f"{100 * float(v):.2f}", "", ""] for k, v in metrics["per_class_iou"].items()]
-    if rows:
-        body.append("<h3>Per-class IoU</h3>")
-        body.append(table(["class", "IoU (%)", "ground-truth pixels", "predicted pixels"], rows))
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+_PER_CLASS_COLUMNS = (
+    Column("class"),
+    Column("IoU", "%", "fraction%", 2),
+    Column("ground-truth pixels", kind="int"),
+    Column("predicted pixels", kind="int"),
+)
+_OTHER_EVAL_COLUMNS = (
+    Column("folder"),
+    Column("checkpoint"),
+    Column("split"),
+    Column("images", kind="int"),
+    Column("mIoU", "%", "fraction%", 2),
+    Column("pixel accuracy", "%", "fraction%", 2),
+    Column("notes"),
+)
+
+
+def _per_class_rows(metrics: Mapping[str, Any], folder: Path, root: Path) -> list[list[Any]]:
+    path = folder / "per_class_iou.csv"
+    if path.is_file():
+        header, rows = _read_csv(path, root)
+        idx = {h: i for i, h in enumerate(header)}
+        if "class" in idx and "iou" in idx:
+            return [
+                [
+                    r[idx["class"]],
+                    r[idx["iou"]],
+                    *[r[idx[k]] if k in idx else None for k in ("gt_pixels", "pred_pixels")],
+                ]
+                for r in rows
+            ]
+    iou = metrics.get("per_class_iou")
+    return [[k, v, None, None] for k, v in iou.items()] if isinstance(iou, dict) else []
+
+
+def _evaluate_validation(run: RunDir, predictor: Any, val: Any, out: Path) -> Path:
+    """Evaluate the report's checkpoint on the validation split through :func:`evaluate_split`, into
+    ``RUN/eval/<stage>-<val split>`` as ``scaleprotoseg evaluate RUN`` would (into the report when the run directory
+    is not writable); returns the folder."""
+    import os
+
+    from scaleprotoseg.evaluation.inference import InferenceSettings
+    from scaleprotoseg.evaluation.split import evaluate_split
+
+    d = predictor.cfg.data
+    target = run.eval_dir(predictor.stage, d.val_split)
+    if not os.access(run.root, os.W_OK):
+        target = out / "assets" / "eval" / target.name
+    evaluate_split(
+        predictor.model,
+        val,
+        class_names=list(predictor.info.class_names),
+        out_dir=target,
+        ignore_index=predictor.info.ignore_index,
+        device=predictor.device,
+        inference=InferenceSettings.from_config(d),
+        progress=False,
+        summary={"run": str(run.root), "stage": predictor.stage or "final", "split": d.val_split, "by": "report"},
+    )
+    return target
+
+
+def _evaluation_section(
+    run: RunDir, predictor: Any, out: Path, evaluate_missing: bool, val: Any, why: str | None
+) -> str:
+    """Headline: the validation split's evaluation of the report's checkpoint (computed here when missing and
+    ``evaluate_missing``); below it every other evaluation of the run, each labelled with its split."""
+    split = predictor.cfg.data.val_split
+    stage = predictor.stage or "final"
+    head = run.eval_dir(predictor.stage, split) if split else None
+    body: list[str] = []
+    if head is not None and not (head / "metrics.json").is_file() and evaluate_missing and val is not None:
+        head = _evaluate_validation(run, predictor, val, out)
+    if head is not None and (head / "metrics.json").is_file():
+        body.append(_headline(run, head, out, split, stage))
+    else:
+        reason = why if evaluate_missing else "evaluation was not requested (--no-eval)"
+        if not split:
+            reason = "the run's config has no validation split"
+        body.append(
+            f'<p class="note">No evaluation of the validation split {esc(split or "–")} for checkpoint '
+            f'{esc(stage)}: {esc(reason or "not found")}. Run <span class="mono">scaleprotoseg evaluate '
+            f"{esc(run.root.as_posix())}</span>.</p>"
+        )
+    body.append(_other_evaluations(run, head, split))
     return "".join(body)
 
 
-def _evaluation(run: RunDir, predictor: Any, out: Path, evaluate_missing: bool, val: Any, why: str | None) -> str:
-    names = list(predictor.info.class_names)
-    found = sorted((p for p in run.eval.glob("*/metrics.json")), key=lambda p: p.stat().st_mtime)
-    if found:
-        src = found[-1].parent
-        metrics = _read_json(found[-1], run.root) or {}
-        intro = f'<p>Latest evaluation: <span class="mono">{esc(src.relative_to(run.root).as_posix())}</span>'
-        summ = _read_json(src / "summary.json", run.root) or {}
-        if summ:
-            intro += f" (stage {esc(summ.get('stage', '?'))}, split {esc(summ.get('split', '?'))})"
-        intro += ".</p>"
-        rel = f"assets/eval/{src.name}"
-        csv_path = src / "per_class_iou.csv"
-        if csv_path.exists():
-            confine(csv_path, run.root)
-    elif evaluate_missing and val is not None:
-        from scaleprotoseg.evaluation.evaluate import evaluate
-        from scaleprotoseg.evaluation.inference import InferenceSettings
-        from scaleprotoseg.evaluation.miou import write_results
-        from scaleprotoseg.evaluation.plots import plot_confusion_matrix, plot_per_class_iou
+def _headline(run: RunDir, folder: Path, out: Path, split: str, stage: str) -> str:
+    root = out if folder.resolve().is_relative_to(out.resolve()) else run.root
+    metrics = _read_json(folder / "metrics.json", root) or {}
+    summ = _read_json(folder / "summary.json", root) or {}
+    from scaleprotoseg.evaluation.split import inference_text
 
-        d = predictor.cfg.data
-        res = evaluate(
-            predictor.model,
-            val,
-            num_classes=len(names),
-            ignore_index=predictor.info.ignore_index,
-            device=predictor.device,
-            inference=InferenceSettings.from_config(d),
-            progress=False,
-        )
-        src = out / "assets" / "eval" / "report"
-        write_results(res, names, src)
-        plot_confusion_matrix(res["matrix"], names, src / "confusion_matrix.png")
-        plot_per_class_iou(res["iou"], names, src / "per_class_iou.png")
-        metrics = _read_json(src / "metrics.json", out) or {}
-        intro = (
-            f'<p>No <span class="mono">eval/</span> results in the run: validation split '
-            f"<b>{esc(d.val_split)}</b> evaluated by the report ({len(val)} images).</p>"
-        )
-        rel = "assets/eval/report"
-        csv_path = src / "per_class_iou.csv"
-    else:
-        reason = why or "evaluation was not requested"
-        return (
-            f'<p class="note">No evaluation found in {esc(run.eval.as_posix())} and none computed: '
-            f'{esc(reason)}. Run <span class="mono">scaleprotoseg evaluate RUN</span>.</p>'
-        )
-    body = [intro, _eval_tables(metrics, csv_path, names)]
+    where = folder.relative_to(run.root).as_posix() if root == run.root else folder.relative_to(out).as_posix()
+    head = (
+        f'<p class="headline">Validation mIoU <b>{esc(percent(metrics.get("miou")))}</b> · pixel accuracy '
+        f"{esc(percent(metrics.get('pixel_accuracy')))} · mean class accuracy "
+        f"{esc(percent(metrics.get('mean_accuracy')))}</p>"
+    )
+    items: dict[str, Any] = {
+        "split": f"{split} (validation)",
+        "checkpoint": stage,
+        "images": metrics.get("num_images", summ.get("num_images", "–")),
+        "classes counted": metrics.get("num_present", "–"),
+        "inference": inference_text(summ.get("inference")) if summ.get("inference") else metrics.get("mode", "–"),
+        "time per image": f"{fmt(metrics['seconds_per_image'], 3)} s" if "seconds_per_image" in metrics else "–",
+        "results": Raw(f'<span class="mono">{esc(where)}</span>')
+        if summ.get("by") != "report"
+        else Raw(f'<span class="mono">{esc(where)}</span> (evaluated by this report)'),
+    }
+    body = [head, kv_table(items)]
+    base = summ.get("baselines")
+    if isinstance(base, dict) and base:
+        rows = [["this model", metrics.get("miou")], *[[k, v] for k, v in base.items()]]
+        body.append("<h3>Baselines on the same split</h3>")
+        body.append(data_table([Column("method"), Column("mIoU", "%", "fraction%", 2)], rows))
+    rows = _per_class_rows(metrics, folder, root)
+    if rows:
+        body.append("<h3>Per-class IoU</h3>")
+        body.append(data_table(_PER_CLASS_COLUMNS, rows))
+    rel = f"assets/eval/{folder.name}"
+    inside = root == out
+    captions = {
+        "confusion_matrix": "confusion matrix (rows: ground truth, normalised)",
+        "per_class_iou": "IoU per class",
+    }
     figs, links = [], []
-    inside = src.is_relative_to(out)  # computed here: already in the report
-    for f in sorted(src.iterdir()):
+    for f in sorted(folder.iterdir()):
         suffix = f.suffix.lower()
         if suffix not in (".png", ".csv", ".json") or not f.is_file():
             continue
-        r = f"{rel}/{f.name}" if inside else _copy(f, out, f"{rel}/{f.name}", run.root)
+        r = f.relative_to(out).as_posix() if inside else _copy(f, out, f"{rel}/{f.name}", run.root)
         if suffix == ".png":
-            figs.append(figure(r, f.stem.replace("_", " "), cls="medium"))
+            figs.append(figure(r, captions.get(f.stem, f.stem.replace("_", " ")), cls="medium"))
         else:
             links.append(f'<a href="{esc(r)}">{esc(f.name)}</a>')
     if figs:
@@ -317,7 +515,156 @@ def _evaluation(run: RunDir, predictor: Any, out: Path, evaluate_missing: bool, 
     return "".join(body)
 
 
-def _analysis(run: RunDir, out: Path) -> str:
+def _other_evaluations(run: RunDir, head: Path | None, split: str) -> str:
+    folders = sorted(p.parent for p in run.eval.glob("*/metrics.json")) if run.eval.is_dir() else []
+    rows = []
+    for f in folders:
+        if head is not None and f.resolve() == head.resolve():
+            continue
+        m = _read_json(f / "metrics.json", run.root) or {}
+        s = _read_json(f / "summary.json", run.root) or {}
+        notes = []
+        if isinstance(s.get("without"), dict):
+            w = s["without"]
+            notes.append(
+                "without "
+                + ", ".join([f"p{i}" for i in w.get("prototypes", [])] + [f"g{i}" for i in w.get("groups", [])])
+            )
+        if isinstance(s.get("miou_change"), (int, float)):
+            notes.append(f"{100 * s['miou_change']:+.2f} points vs unedited")
+        if s.get("split") and s.get("split") != split:
+            notes.append("not the validation split")
+        rows.append(
+            [
+                f.name,
+                s.get("stage", "–"),
+                s.get("split", "–"),
+                m.get("num_images"),
+                m.get("miou"),
+                m.get("pixel_accuracy"),
+                "; ".join(notes) or "–",
+            ]
+        )
+    if not rows:
+        return ""
+    return (
+        '<h3>Other evaluations in the run</h3><p>Every other folder of <span class="mono">eval/</span>: other '
+        "checkpoints, splits or edited models. The headline above is always the validation split.</p>"
+        + data_table(_OTHER_EVAL_COLUMNS, rows)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interpretability analyses
+# ---------------------------------------------------------------------------------------------------------------
+_ANALYSIS_TITLES = {
+    "sparsity": "Sparsity of the last layer (Tables 3-4, 10)",
+    "prototypes": "Prototypes and mIoU per step (Tables 2, 7)",
+    "consistency": "Consistency of prototypes (Tables 3-4)",
+    "stability": "Stability of prototypes under input noise (Tables 3-4)",
+    "components": "Connected components per scale (Figure 3)",
+    "group-overlap": "Overlap of group activations (Table 9)",
+    "equivariance": "Quasi-equivariant prototypes across scales (Figure 7)",
+}
+_ANALYSIS_COLUMNS: dict[str, Column] = {
+    "class_index": Column("class index", kind="int"),
+    "class": Column("class"),
+    "images": Column("images", kind="int"),
+    "active_prototypes": Column("active prototypes", "|w| ≥ threshold", "float", 3),
+    "iou_%": Column("IoU between groups", "%", "%", 2),
+    "pooled_iou_%": Column("pooled IoU between groups", "%", "%", 2),
+    "scale": Column("scale", kind="int"),
+    "p_th": Column("quantile p_th", kind="float"),
+    "mean_count": Column("components per map", "mean", "float", 4),
+    "mean_area": Column("area per component", "{area}, mean over maps", "float", 4),
+    "pooled_area": Column("area per component", "{area}, pooled", "float", 4),
+    "maps": Column("maps", kind="int"),
+    "groups": Column("quasi-equivariant groups", kind="int"),
+    "ratio_groups": Column("quasi-equivariant groups", "% of groups", "fraction%", 2),
+    "ratio_prototypes": Column("prototypes in them", "% of prototypes", "fraction%", 2),
+    "ratio_classes": Column("classes with one", "% of classes", "fraction%", 2),
+    "candidate_pairs": Column("candidate pairs", kind="int"),
+    "percentile": Column("binarisation percentile", kind="float"),
+    "consistency_%": Column("consistency", "%", "%", 2),
+    "consistent_prototypes": Column("consistent prototypes", kind="int"),
+    "evaluated_prototypes": Column("evaluated prototypes", kind="int"),
+    "stability_%": Column("stability", "%", "%", 2),
+    "stable_pairs": Column("stable pairs", kind="int"),
+    "step": Column("step"),
+    "stage": Column("stage"),
+    "alpha": Column("α", kind="float"),
+    "prototypes": Column("prototypes", kind="int"),
+    "group_avg": Column("mean group size", "prototypes", "float", 3),
+    "miou": Column("mIoU", "%", "%", 2),
+}
+_METRIC_COLUMNS: dict[tuple[str, str], Column] = {
+    ("equivariance", "pairs"): Column("quasi-equivariant pairs", kind="int"),
+    ("stability", "pairs"): Column("pairs", kind="int"),
+}
+# summary fields shown as settings (label, unit); the rest of the JSON is in the linked file
+_ANALYSIS_SETTINGS: dict[str, tuple[str, str]] = {
+    "threshold": ("threshold on |w|", ""),
+    "sparsity": ("active prototypes per class", "mean"),
+    "avg_abs_weight": ("mean |w| of the last layer", ""),
+    "extra_parameters": ("parameters added by the groups", ""),
+    "last_layer": ("last layer", ""),
+    "last_layer_shape": ("last layer shape", "classes × columns"),
+    "num_prototypes": ("prototypes", ""),
+    "prototypes_used": ("prototypes used", ""),
+    "group_weights": ("group weights", ""),
+    "feature_dim": ("feature dimension", ""),
+    "quantile": ("activation quantile", ""),
+    "mode": ("upsampling", ""),
+    "miou": ("mean IoU between groups", "%"),
+    "pooled_iou": ("pooled IoU between groups", "%"),
+    "area_unit": ("area unit", ""),
+    "cell_pixels": ("pixels per feature cell", ""),
+    "scale_ratios": ("scale ratios", ""),
+    "quantiles": ("quantiles p_th", ""),
+    "iou_threshold": ("IoU threshold of a pair", ""),
+    "num_groups": ("groups", ""),
+    "noise_std": ("noise standard deviation", ""),
+}
+
+
+def analysis_column(metric: str, name: str, summary: Mapping[str, Any] | None = None) -> Column:
+    """The labelled column of CSV column ``name`` of analysis ``metric`` (a generic one for unknown names: a
+    ``_%`` suffix becomes the unit %)."""
+    col = _METRIC_COLUMNS.get((metric, name)) or _ANALYSIS_COLUMNS.get(name)
+    if col is None:
+        if name.endswith("%"):
+            return Column(name.rstrip("%_").replace("_", " "), "%", "%", 2)
+        return Column(name.replace("_", " "), kind="float")
+    if "{area}" in col.unit:
+        area = str((summary or {}).get("area_unit", "feature cells"))
+        col = Column(col.label, col.unit.replace("{area}", area), col.kind, col.digits, col.note)
+    return col
+
+
+def _analysis_settings(metric: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    items: dict[str, Any] = {}
+    ck = meta.get("stage", "final")
+    if meta.get("checkpoint_stage"):
+        ck = f"{ck} (last stage: {meta['checkpoint_stage']})"
+    items["checkpoint"] = ck
+    if meta.get("split"):
+        items["split"] = meta["split"] + (f", {meta['num_images']} images" if meta.get("num_images") else "")
+    for k, v in data.items():
+        if k in ("metric", "meta") or k not in _ANALYSIS_SETTINGS:
+            continue
+        if isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)):
+            continue
+        label, unit = _ANALYSIS_SETTINGS[k]
+        if metric == "group-overlap" and k in ("miou", "pooled_iou") and isinstance(v, (int, float)):
+            v = f"{v:.2f} %"
+        elif k == "last_layer_shape" and isinstance(v, list):
+            v = " × ".join(str(x) for x in v)
+        items[f"{label} ({unit})" if unit and unit != "%" else label] = v
+    return items
+
+
+def _analysis_section(run: RunDir, out: Path) -> str:
     adir = run.analysis
     jsons = sorted(adir.glob("*.json")) if adir.is_dir() else []
     pngs = sorted(adir.rglob("*.png")) if adir.is_dir() else []
@@ -331,24 +678,51 @@ def _analysis(run: RunDir, out: Path) -> str:
     shown: set[Path] = set()
     for j in jsons:
         data = _read_json(j, run.root)
-        body.append(f"<h3>{esc(j.stem.replace('_', ' '))}</h3>")
-        links = [_copy(j, out, f"assets/analysis/{j.name}", run.root)]
-        links += [_copy(c, out, f"assets/analysis/{c.name}", run.root) for c in sorted(adir.glob(f"{j.stem}*.csv"))]
-        body.append("<p>" + " · ".join(f'<a href="{esc(r)}">{esc(Path(r).name)}</a>' for r in links) + "</p>")
-        body.append(render_json(data) if data is not None else f'<p class="note">{esc(j.name)} is not valid JSON</p>')
-        mine = [p for p in pngs if p.stem == j.stem or p.stem.startswith(j.stem + "_") or p.parent.name == j.stem]
-        if mine:
-            figs = [
-                figure(
-                    _copy(p, out, f"assets/analysis/{p.relative_to(adir).as_posix()}", run.root), p.stem, cls="medium"
-                )
-                for p in mine
-            ]
+        metric = str(data.get("metric", j.stem)) if isinstance(data, dict) else j.stem
+        body.append(f"<h3>{esc(_ANALYSIS_TITLES.get(metric, j.stem.replace('_', ' ').replace('-', ' ')))}</h3>")
+        csvs = sorted(adir.glob(f"{j.stem}*.csv"))
+        links = [_copy(p, out, f"assets/analysis/{p.name}", run.root) for p in [j, *csvs]]
+        if not isinstance(data, dict):
+            body.append(
+                render_json(data) if data is not None else f'<p class="note">{esc(j.name)} is not valid JSON</p>'
+            )
+        else:
+            body.append(kv_table(_analysis_settings(metric, data)))
+            main = adir / f"{j.stem}.csv"
+            if main.is_file():
+                header, rows = _read_csv(main, run.root)
+                body.append(data_table([analysis_column(metric, h, data) for h in header], rows))
+            else:
+                body.append(render_json({k: v for k, v in data.items() if k not in ("metric", "meta")}))
+        body.append(
+            "<p>Full results: " + " · ".join(f'<a href="{esc(r)}">{esc(Path(r).name)}</a>' for r in links) + "</p>"
+        )
+        mine = [
+            p
+            for p in pngs
+            if p.stem == j.stem or p.stem.startswith((j.stem + "_", j.stem + "-")) or p.parent.name == j.stem
+        ]
+        mine.sort(key=lambda p: (p.stem != j.stem, p.as_posix()))  # the analysis's own figure first
+        shown.update(mine)
+        figs = []
+        for p in mine:
+            rel = f"assets/analysis/{p.relative_to(adir).as_posix()}"
+            if (
+                metric == "components"
+                and p.stem == j.stem
+                and isinstance(data, dict)
+                and _redraw_components(data, out / rel)
+            ):
+                figs.append(figure(rel, None, cls="large", alt=_ANALYSIS_TITLES["components"]))
+                continue
+            extra = p.stem[len(j.stem) :].strip("_-").replace("_", " ").replace("-", " ")
+            title = _ANALYSIS_TITLES.get(metric, p.stem)
+            figs.append(figure(_copy(p, out, rel, run.root), extra or None, cls="large", alt=title))
+        if figs:
             body.append(f'<div class="figs">{"".join(figs)}</div>')
-            shown.update(mine)
     rest = [p for p in pngs if p not in shown]
     if rest:
-        body.append("<h3>Figures</h3>")
+        body.append("<h3>Other figures</h3>")
         figs = [
             figure(_copy(p, out, f"assets/analysis/{p.relative_to(adir).as_posix()}", run.root), p.stem, cls="medium")
             for p in rest
@@ -357,7 +731,19 @@ def _analysis(run: RunDir, out: Path) -> str:
     return "".join(body)
 
 
-def _prototypes(run: RunDir, predictor: Any, out: Path) -> str:
+def _redraw_components(data: Mapping[str, Any], path: Path) -> bool:
+    """Figure 3 drawn again from ``components.json`` (areas in its unit, feature cells); False if it cannot be."""
+    try:
+        from scaleprotoseg.analysis.plots import plot_components
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot_components(data, path)
+        return path.is_file()
+    except Exception:
+        return False
+
+
+def _prototypes_section(run: RunDir, predictor: Any, out: Path) -> str:
     from scaleprotoseg.explain.graph import plot_group_graph
     from scaleprotoseg.explain.resources import load_galleries
     from scaleprotoseg.explain.structure import class_structure, prototype_head
@@ -404,7 +790,13 @@ def _prototypes(run: RunDir, predictor: Any, out: Path) -> str:
                     for p, w in members
                 )
                 rows.append([f"group {s.group_number(g)}", s.class_weights.get(g, 0.0), len(members), Raw(cells)])
-            parts.append(table(["group", "h_group", "prototypes", "members (patch, scale, weight)"], rows))
+            cols = [
+                Column("group"),
+                Column("h_group", "weight to the class", "float", 3),
+                Column("prototypes", kind="int"),
+                Column("members", "patch · scale · w_g", "html"),
+            ]
+            parts.append(data_table(cols, rows))
             unused = [p for p in s.prototypes if p not in set(s.used_prototypes())]
             if unused:
                 parts.append(
@@ -417,7 +809,13 @@ def _prototypes(run: RunDir, predictor: Any, out: Path) -> str:
                 src = gallery.source(p) or {}
                 where = f"{src.get('name', '?')} cell {tuple(src.get('cell', []))}" if src else "–"
                 rows.append([f"p{p}", s.class_weights.get(p, 0.0), Raw(patch_html(p)), where])
-            parts.append(table(["prototype", "h_proto", "patch", "source (training sample, cell)"], rows))
+            cols = [
+                Column("prototype"),
+                Column("h_proto", "weight to the class", "float", 3),
+                Column("patch", kind="html"),
+                Column("source", "training image, feature cell"),
+            ]
+            parts.append(data_table(cols, rows))
         graph = out / "assets" / "classes" / f"class_{c:03d}_{F.slug(name)}_graph.png"
         plot_group_graph(
             s,
@@ -429,7 +827,7 @@ def _prototypes(run: RunDir, predictor: Any, out: Path) -> str:
         )
         parts.append(
             '<div class="figs">'
-            + figure(graph.relative_to(out).as_posix(), f"group graph of {name}", cls="medium")
+            + figure(graph.relative_to(out).as_posix(), f"{name}: group graph (click to enlarge)", cls="large")
             + "</div>"
         )
         n_used = len(s.used_prototypes())
@@ -440,32 +838,47 @@ def _prototypes(run: RunDir, predictor: Any, out: Path) -> str:
     return "".join(body)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Explained images
+# ---------------------------------------------------------------------------------------------------------------
+def view_caption(view: str, file: str) -> str:
+    """Caption of one explanation figure: the view's name and what tells its files apart (``nearest patches ·
+    p0006``), the view's name alone when the file is named after it."""
+    label = view.replace("_", " ")
+    rest = Path(file).stem
+    if rest.startswith(view):
+        rest = rest[len(view) :]
+    rest = rest.strip("_- ").replace("_", " ")
+    return f"{label} · {rest}" if rest else label
+
+
+_IMAGE_IOU_COLUMNS = (Column("class"), Column("IoU on this image", "%", "fraction%", 2))
+
+
 def _sample_html(man: dict[str, Any], rel: str, names: list[str]) -> str:
     def link(f: str) -> str:
         return f"{rel}/{f}"
 
     parts = [f"<h3>{esc(man.get('name') or rel)}</h3>"]
     files = man.get("files", {})
-    figs = (
-        [figure(link(files["summary"]), "image, prediction and ground truth", cls="medium")]
-        if "summary" in files
-        else []
-    )
-    parts.append(f'<div class="figs">{"".join(figs)}</div>')
+    if "summary" in files:
+        figs = figure(link(files["summary"]), "image, prediction and ground truth", cls="large")
+        parts.append(f'<div class="figs">{figs}</div>')
     parts.append(f'<p><a href="{esc(link("manifest.json"))}">manifest.json</a> (every figure of this image)</p>')
     for note in man.get("notes", []):
         parts.append(f'<p class="note">{esc(note)}</p>')
     fail = man.get("failure")
     if fail:
         iou = fail.get("iou", {})
-        present = [[k, "–" if v is None else f"{100 * v:.1f}"] for k, v in iou.items() if v is not None]
+        present = [[k, v] for k, v in iou.items() if v is not None]
         if present:
-            parts.append(f"<h4>IoU on this image (failure threshold {100 * fail['threshold']:.0f} %)</h4>")
-            parts.append(table(["class", "IoU (%)"], present))
+            parts.append(f"<h4>IoU per class on this image (failure below {100 * fail['threshold']:.0f} %)</h4>")
+            parts.append(data_table(_IMAGE_IOU_COLUMNS, present))
         for case in fail.get("cases", []):
             taken = ", ".join(f"{names[t['class']]} {100 * t['fraction']:.0f} %" for t in case.get("taken_by", [])[:4])
             parts.append(
-                f"<h4>Failure: {esc(case['name'])} (IoU {fmt(case['iou'], 2)}), predicted as {esc(taken or '–')}</h4>"
+                f"<h4>Failure: {esc(case['name'])} (IoU {esc(percent(case.get('iou')))}), "
+                f"its pixels predicted as {esc(taken or '–')}</h4>"
             )
             figs = [figure(link(f), k.replace("_", " "), cls="small") for k, f in case.get("files", {}).items()]
             parts.append(f'<div class="figs">{"".join(figs)}</div>')
@@ -474,7 +887,7 @@ def _sample_html(man: dict[str, Any], rel: str, names: list[str]) -> str:
         figs = []
         for view, v in c.get("views", {}).items():
             for f in v.get("files", []):
-                figs.append(figure(link(f), f"{view.replace('_', ' ')}: {Path(f).stem.replace('_', ' ')}", cls="small"))
+                figs.append(figure(link(f), view_caption(view, f), cls="small"))
         missing = [
             f"{k.replace('_', ' ')} ({v.get('reason', 'not available')})"
             for k, v in c.get("views", {}).items()
@@ -486,7 +899,7 @@ def _sample_html(man: dict[str, Any], rel: str, names: list[str]) -> str:
     return "".join(parts)
 
 
-def _samples(
+def _samples_section(
     run: RunDir, predictor: Any, out: Path, n: int, inputs: Sequence[str | Path] | None, val: Any, why: str | None
 ) -> str:
     from scaleprotoseg.explain.explainer import explain_image
@@ -522,9 +935,9 @@ def _samples(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Entry point
+# Expert edits
 # ---------------------------------------------------------------------------------------------------------------
-def _edits(run: RunDir, split: str) -> str | None:
+def _edits_section(run: RunDir, split: str) -> str | None:
     """The expert edits of the run (``scaleprotoseg explore``) with their measured effect, or ``None`` if none."""
     from scaleprotoseg.explore.edits import list_edits
 
@@ -543,18 +956,29 @@ def _edits(run: RunDir, split: str) -> str | None:
     for e in edits:
         removed = ", ".join([f"p{p}" for p in e.removed_prototypes] + [f"g{g}" for g in e.removed_groups])
         after, before = miou(e.stage), miou(None if e.base == "final" else e.base)
-        if after is None:
-            effect = f"not evaluated (scaleprotoseg evaluate RUN --stage {e.stage})"
-        else:
-            effect = f"mIoU {100 * after:.2f}" + ("" if before is None else f" ({100 * (after - before):+.2f})")
+        change = None if after is None or before is None else 100 * (after - before)
+        effect = "" if after is not None else f"not evaluated (scaleprotoseg evaluate RUN --stage {e.stage})"
         if e.effect and "changed_fraction" in e.effect:
-            effect += f"; {100 * e.effect['changed_fraction']:.2f}% of {e.effect.get('image', 'the image')} changed"
-        cells = [e.stage, e.base, removed, e.author, e.reason, e.created, effect]
-        rows.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("stage", "from", "removed", "by", "why", "when", f"effect ({split})"))
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+            effect += f"{'; ' if effect else ''}{100 * e.effect['changed_fraction']:.2f} % of "
+            effect += f"{e.effect.get('image', 'the image')} changed"
+        rows.append([e.stage, e.base, removed, e.author, e.reason, e.created, after, change, effect or "–"])
+    cols = [
+        Column("edit"),
+        Column("from"),
+        Column("removed"),
+        Column("by"),
+        Column("why"),
+        Column("when"),
+        Column(f"mIoU ({split})", "%", "fraction%", 2),
+        Column("change", "points", "%", 2),
+        Column("notes"),
+    ]
+    return data_table(cols, rows)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
 def build_report(
     run: str | Path,
     out_dir: str | Path | None = None,
@@ -568,7 +992,8 @@ def build_report(
     """Write the report of ``run`` into ``out_dir`` (default ``RUN/report``) and return the path of ``index.html``.
 
     ``images``: how many validation images to explain (when the data is available); ``inputs``: image files to
-    explain instead. ``evaluate_missing``: compute a validation evaluation when ``RUN/eval`` has none.
+    explain instead. ``evaluate_missing``: evaluate the validation split when ``RUN/eval/<stage>-<val split>`` is
+    missing (written there, as ``scaleprotoseg evaluate RUN`` would).
     """
     from scaleprotoseg.predict import Predictor
 
@@ -580,15 +1005,16 @@ def build_report(
         shutil.rmtree(out / sub, ignore_errors=True)
     val, why = _val_dataset(predictor.cfg)
     sections = [
-        ("summary", "Run summary", _summary(run, predictor, out)),
-        ("evaluation", "Evaluation", _evaluation(run, predictor, out, evaluate_missing, val, why)),
-        ("analysis", "Interpretability analyses", _analysis(run, out)),
-        ("prototypes", "Prototypes and groups", _prototypes(run, predictor, out)),
-        ("samples", "Explained images", _samples(run, predictor, out, images, inputs, val, why)),
+        ("summary", "Run summary", _summary_section(run, predictor)),
+        ("training", "Training", _training_section(run, predictor.cfg, out)),
+        ("evaluation", "Evaluation", _evaluation_section(run, predictor, out, evaluate_missing, val, why)),
+        ("analysis", "Interpretability analyses", _analysis_section(run, out)),
+        ("prototypes", "Prototypes and groups", _prototypes_section(run, predictor, out)),
+        ("samples", "Explained images", _samples_section(run, predictor, out, images, inputs, val, why)),
     ]
-    edits = _edits(run, predictor.cfg.data.val_split)
+    edits = _edits_section(run, predictor.cfg.data.val_split)
     if edits is not None:
-        sections.insert(4, ("edits", "Expert edits", edits))
+        sections.insert(5, ("edits", "Expert edits", edits))
     title = f"scaleprotoseg report: {run.root.resolve().name}"
     subtitle = (
         f"{predictor.info.method} · {predictor.cfg.model.backbone} · {predictor.cfg.data.name} · "
