@@ -331,19 +331,21 @@ def _check_pair(spec: FolderSpec, image_path: Path, mask_path: Path) -> tuple[li
         return problems, None
     if image is not None and label.shape != image.shape[:2]:
         problems.append(_size_problem(mask_path, image_path, label.shape[::-1], image.shape[1::-1]))
+    problems += _label_value_problems(spec, mask_path, label)
+    return problems, label
+
+
+def _label_value_problems(spec: FolderSpec, mask_path: Path, label: np.ndarray) -> list[Problem]:
+    """A problem when ``label`` holds values that are neither a class index nor the ignore index."""
     num = len(spec.class_names)
     bad = ((label < 0) | (label >= num)) & (label != spec.ignore_index)
-    if bad.any():
-        values = np.unique(label[bad])
-        shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
-        problems.append(
-            Problem(
-                str(mask_path),
-                f"label values {shown} are outside the classes 0..{num - 1} "
-                f"(ignore index {spec.ignore_index}) of {CLASSES_FILE}",
-            )
-        )
-    return problems, label
+    if not bad.any():
+        return []
+    values = np.unique(label[bad])
+    shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+    where = f"the classes 0..{num - 1} (ignore index {spec.ignore_index}) of {CLASSES_FILE}"
+    message = f"label values {shown} are outside {where}"
+    return [Problem(str(mask_path), message)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,7 +428,6 @@ def preflight(data_cfg: DataConfig, *, progress: bool = False) -> list[Problem]:
             if stem not in headers_done:
                 headers_done.add(stem)
                 problems += _header_pair(images[stem], masks[stem])
-        num = len(spec.class_names)
         for i in _spread(len(stems), data_cfg.preflight_labels):
             stem = stems[i]
             if stem in labels_done:
@@ -437,17 +438,7 @@ def preflight(data_cfg: DataConfig, *, progress: bool = False) -> list[Problem]:
             except (OSError, ValueError) as err:
                 problems.append(Problem(str(masks[stem]), _strip_path(str(err), masks[stem])))
                 continue
-            bad = ((label < 0) | (label >= num)) & (label != spec.ignore_index)
-            if bad.any():
-                values = np.unique(label[bad])
-                shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
-                problems.append(
-                    Problem(
-                        str(masks[stem]),
-                        f"label values {shown} are outside the classes 0..{num - 1} "
-                        f"(ignore index {spec.ignore_index}) of {CLASSES_FILE}",
-                    )
-                )
+            problems += _label_value_problems(spec, masks[stem], label)
     return list(dict.fromkeys(problems))
 
 
