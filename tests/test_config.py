@@ -123,9 +123,13 @@ def test_stage_losses_and_groups_checked_at_load(tmp_path):
 
 
 def test_output_stride_error_names_every_supported_value():
-    with pytest.raises(ConfigError, match=r"model.output_stride: 4 is not supported; expected 8, 16 or 32"):
+    with pytest.raises(ConfigError, match=r"output_stride: 4 is not supported by resnet101; expected one of \[8, 16"):
         load_config(None, ["model.output_stride=4"])
     assert load_config(None, ["model.output_stride=32"]).model.output_stride == 32
+    lite = ["model.backbone=efficientnet_lite0"]
+    assert load_config(None, [*lite, "model.output_stride=4"]).model.output_stride == 4
+    with pytest.raises(ConfigError, match=r"2 is not supported by efficientnet_lite0; expected one of \[4"):
+        load_config(None, [*lite, "model.output_stride=2"])
 
 
 def test_configs_path_falls_back_to_the_shipped_copy(tmp_path, monkeypatch):

@@ -586,6 +586,8 @@ def config_changes(old: Config, new: Config) -> dict[str, list[Any]]:
 
 
 TRAINABLE_GROUPS = ("backbone", "aspp", "prototypes", "groups", "last_layer")
+# output strides each backbone supports (others: 8, 16, 32; the U-Net keeps full resolution)
+_OUTPUT_STRIDES = {"efficientnet_lite0": (4, 8, 16, 32)}
 
 
 def validate(cfg: Config, source: str = "config") -> None:
@@ -600,8 +602,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     m, d = cfg.model, cfg.data
     if m.backbone == "unet" and m.output_stride != 1:
         fail(f"model.output_stride: {m.output_stride}; the U-Net keeps full resolution, expected 1")
-    elif m.backbone != "unet" and m.output_stride not in (8, 16, 32):
-        fail(f"model.output_stride: {m.output_stride} is not supported; expected 8, 16 or 32")
+    elif m.backbone != "unet" and m.output_stride not in (allowed := _OUTPUT_STRIDES.get(m.backbone, (8, 16, 32))):
+        fail(
+            f"model.output_stride: {m.output_stride} is not supported by {m.backbone}; expected one of {list(allowed)}"
+        )
     if not m.aspp_rates:
         fail("model.aspp_rates: expected at least one atrous rate")
     if m.aspp_channels <= 0 or m.prototypes_per_class <= 0 or m.groups_per_class <= 0:

@@ -38,7 +38,7 @@ def _to_tensor(hwc: np.ndarray) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("features", "channels"), [("stages", 232), ("head", 1280)])
-@pytest.mark.parametrize(("output_stride", "side"), [(8, 9), (16, 5), (32, 3)])
+@pytest.mark.parametrize(("output_stride", "side"), [(4, 17), (8, 9), (16, 5), (32, 3)])
 def test_output_shapes(output_stride: int, side: int, features: str, channels: int) -> None:
     model = build_backbone("efficientnet_lite0", output_stride=output_stride, features=features).eval()
     assert model.out_channels == channels and model.output_stride == output_stride
@@ -57,13 +57,14 @@ def test_dilation_plan() -> None:
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 1 + 2 + 15 * 3 + 1 and all(m.eps == 1e-3 and m.momentum == 0.01 for m in bns)
     with pytest.raises(ValueError, match="output_stride"):
-        EfficientNetLite0(output_stride=4)
+        EfficientNetLite0(output_stride=2)
 
 
 def test_dilation_keeps_receptive_field() -> None:
     # With odd sizes at every stride-2 layer, "SAME" padding is symmetric, so the dilated network evaluated on the
     # coarse grid must reproduce the undilated one exactly (same weights, eval mode).
-    nets = {os_: EfficientNetLite0(output_stride=os_, features="head", align_grid=False).eval() for os_ in (8, 16, 32)}
+    strides = (4, 8, 16, 32)
+    nets = {os_: EfficientNetLite0(output_stride=os_, features="head", align_grid=False).eval() for os_ in strides}
     weights = nets[32].state_dict()
     for net in nets.values():
         net.load_state_dict(weights)
@@ -72,6 +73,7 @@ def test_dilation_keeps_receptive_field() -> None:
         ref = nets[32](x)
         torch.testing.assert_close(nets[16](x)[..., ::2, ::2], ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(nets[8](x)[..., ::4, ::4], ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(nets[4](x)[..., ::8, ::8], ref, rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_bn_and_gradients() -> None:

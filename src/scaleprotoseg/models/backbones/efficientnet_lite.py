@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 backbone (``efficientnet_lite0``), optionally dilated to output stride 8 or 16.
+"""EfficientNet-Lite0 backbone (``efficientnet_lite0``), optionally dilated to output stride 4, 8 or 16.
 
 Architecture (TF EfficientNet-Lite, width = depth = 1.0): stem conv 3x3/2 (32 channels) + BN + ReLU6; 16 MBConv blocks
 in 7 stages (expand, kernel, stride, channels, repeats) = (1,3,1,16,1) (6,3,2,24,2) (6,5,2,40,2) (6,3,2,80,3)
@@ -146,7 +146,7 @@ class EfficientNetLite0(Backbone):
     """EfficientNet-Lite0 feature extractor (and optional ImageNet classifier); see the module docstring.
 
     Args:
-        output_stride: 8, 16 or 32 (32 = the original, undilated network).
+        output_stride: 4, 8, 16 or 32 (32 = the original, undilated network).
         freeze_bn: keep batch norm in eval mode with frozen affine parameters.
         bn_momentum: PyTorch convention, ``running = (1 - m) * running + m * batch``; the default 0.01 equals TF's
             decay 0.99 used to train the weights. Only matters when batch norm trains (``freeze_bn=False``).
@@ -174,8 +174,8 @@ class EfficientNetLite0(Backbone):
         align_grid: bool = True,
     ) -> None:
         super().__init__(freeze_bn=freeze_bn)
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"efficientnet_lite0 output_stride must be 8, 16 or 32, got {output_stride!r}")
+        if output_stride not in (4, 8, 16, 32):
+            raise ValueError(f"efficientnet_lite0 output_stride must be 4, 8, 16 or 32, got {output_stride!r}")
         if input_normalization not in ("imagenet", "lite"):
             raise ValueError(f"input_normalization must be 'imagenet' or 'lite', got {input_normalization!r}")
         if features not in FEATURES:
