@@ -262,3 +262,27 @@ def test_labels_cover_stain_flags_out_of_focus_slices():
     assert not samples.labels_cover_stain(gray, label)
     assert samples.labels_cover_stain(gray, label, min_ratio=0.1)
     assert samples.labels_cover_stain(np.full((4, 4), 7.0), np.zeros((4, 4)))  # a constant image shows no stain
+
+
+def test_repair_stack_labels_fills_holes_and_ignores_unlabelled_border_nuclei():
+    gray = np.full((40, 40), 10.0)
+    label = np.zeros((40, 40), np.int64)
+    gray[10:30, 10:30] = 200.0  # a labelled nucleus inside the image, with a 4-pixel hole in its label
+    label[10:30, 10:30] = 1
+    label[19:21, 19:21] = 0
+    gray[0:6, 30:38] = 180.0  # a nucleus cut by the top border, not labelled
+    gray[34:40, 0:8] = 190.0  # one cut by the bottom border, labelled: kept as it is
+    label[34:40, 0:8] = 1
+    out = samples.repair_stack_labels(gray, label)
+    assert out[19:21, 19:21].tolist() == [[1, 1], [1, 1]]  # hole filled
+    assert (out[0:6, 30:38] == 255).all()  # the unlabelled border nucleus is ignored ...
+    rows, cols = np.mgrid[0:40, 0:40]  # ... grown by 2 pixels (city-block distance from the stained rectangle)
+    grown = np.maximum(rows - 5, 0) + np.maximum(np.maximum(30 - cols, cols - 37), 0) <= 2
+    assert ((out == 255) == grown).all()
+    assert (out[34:40, 0:8] == 1).all()
+    assert ((out == 255) | (out == label))[label == 1].all() and (out[label == 1] == 1).all()
+    # a hole larger than max_hole stays background; without margin the ignore region is the stained part only
+    big = samples.repair_stack_labels(gray, label, max_hole=3, margin=0)
+    assert (big[19:21, 19:21] == 0).all() and (big == 255).sum() == 6 * 8
+    with pytest.raises(ValueError, match="expected equal"):
+        samples.repair_stack_labels(gray, label[:-1])

@@ -62,7 +62,7 @@ def blockwise_logits(
             torch.baddbmm(p2, prototypes, z[:, :, i : i + t], beta=1, alpha=-2, out=ds)  # ||p||^2 + eps - 2 p.z
             ds.add_(z2[:, :, i : i + t])  # + ||z||^2: d + eps
             torch.div(1 - eps, d.clamp_min_(eps), out=d)  # max(d, 0) + eps = max(d + eps, eps)
-            out[bi, :, i : i + t] = combine(d.add_(1).log_())  # Eq. 1: log(1 + (1 - eps) / (d + eps))
+            out[bi, :, i : i + t] = combine(d.log1p_())  # Eq. 1: log(1 + (1 - eps) / (d + eps))
     return out.view(B, num_outputs, h, w)
 
 
