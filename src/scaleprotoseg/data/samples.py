@@ -283,11 +283,9 @@ def repair_stack_labels(
         out[np.isin(hole_ids, 1 + np.flatnonzero(sizes <= max_hole))] = 1
     stained_ids, _ = ndimage.label(gray > otsu_threshold(gray))
     edge = np.unique(np.concatenate([stained_ids[0], stained_ids[-1], stained_ids[:, 0], stained_ids[:, -1]]))
-    unlabelled = np.zeros(out.shape, dtype=bool)
-    for k in edge[edge > 0]:
-        part = stained_ids == k
-        if (out[part] == 1).mean() < min_cover:
-            unlabelled |= part
+    edge = edge[edge > 0]
+    cover = np.asarray(ndimage.mean(out == 1, stained_ids, edge)) if edge.size else np.zeros(0)
+    unlabelled = np.isin(stained_ids, edge[cover < min_cover])
     if margin > 0 and unlabelled.any():
         unlabelled = ndimage.binary_dilation(unlabelled, iterations=margin)
     out[unlabelled & (out == 0)] = ignore_index
