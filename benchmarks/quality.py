@@ -15,7 +15,9 @@ scikit-learn is installed), computed by ``scaleprotoseg evaluate --forest`` besi
 
 Budget (2-core CPU): one seed of nuclei took 5-10 min for DeepLabv2, 9-10 min for ProtoSeg and 8-12 min for
 ScaleProtoSeg while other training jobs shared the two cores (about half that alone), so the default ``--sets nuclei
---seeds 0,1,2`` takes about an hour on a busy machine and well under one on an idle one. ``OMP_WAIT_POLICY=PASSIVE``
+--seeds 0,1,2`` takes about an hour on a busy machine and well under one on an idle one. Invocations run in parallel
+need one ``--out`` each (the set snapshot and ``quality.json`` live there); ``--merge A.json B.json`` then writes one
+report of all their runs (the longest invocation's wall time counts against the target). ``OMP_WAIT_POLICY=PASSIVE``
 is set unless the environment sets it (see ``common.py``); on a busy machine ``--threads 1`` is as fast. ``--quick``
 runs 2 steps per training stage on 4 images (a smoke test: the numbers mean nothing; no forest, no train mIoU). If
 ``data/samples/<set>`` is missing, it is built first with ``python -m scaleprotoseg data samples``; each invocation
@@ -133,6 +135,7 @@ def train_one(args: argparse.Namespace, set_name: str, method: str, seed: int, d
     sets = overrides_for(config, data_root, seed, args.quick)
     if run_dir.exists() and not args.resume:
         shutil.rmtree(run_dir)
+    finished_before = (run_dir / "final").is_dir()  # resumed and already complete: its training time is not known
     cfg = load_config(config, sets)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir, device=str(args.device), progress=False)
@@ -162,12 +165,13 @@ def train_one(args: argparse.Namespace, set_name: str, method: str, seed: int, d
         "prototypes_after_grouping_or_pruning": after,
         "sparsity": sparsity(run_dir),
         "train_steps": steps,
-        "seconds": seconds,
-        "seconds_per_step": seconds / max(steps, 1),
+        "seconds": None if finished_before else seconds,
+        "seconds_per_step": None if finished_before else seconds / max(steps, 1),
     }
+    timing = "trained earlier" if finished_before else f"{seconds:.0f} s ({seconds / max(steps, 1):.2f} s/step incl. "
     print(
-        f"  {set_name:<8} {method:<13} seed {seed}: mIoU {row['val_miou']:.4f}  {seconds:.0f} s "
-        f"({row['seconds_per_step']:.2f} s/step incl. projection and validation)",
+        f"  {set_name:<8} {method:<13} seed {seed}: mIoU {row['val_miou']:.4f}  {timing}"
+        + ("" if finished_before else "projection and validation)"),
         flush=True,
     )
     return row
@@ -189,7 +193,8 @@ def summarise(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         keys = ("val_miou", "train_miou", "prototypes_after_projection", "prototypes_after_grouping_or_pruning")
         for key in (*keys, "sparsity"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[key] for r in rs])
-        row["seconds_total"] = sum(r["seconds"] for r in rs)
+        known = [r["seconds"] for r in rs if r.get("seconds") is not None]
+        row["seconds_total"] = sum(known) if len(known) == len(rs) else None
         out.append(row)
     return out
 
@@ -219,6 +224,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=Path, default=REPO / "data" / "samples", help="where the sample sets live")
     p.add_argument("--out", type=Path, default=REPO / "bench-results")
     p.add_argument("--resume", action="store_true", help="keep existing run folders (finished stages are skipped)")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: combine the runs of earlier quality.json files (invocations run in parallel,\n"
+        "each with its own --out); a later file wins for the same set, method and seed",
+    )
     p.set_defaults(repeats=1, warmup=0, seed=0, _default_repeats=1, _default_warmup=0)
     args = finish_args(p.parse_args(argv))
     unknown = [m for m in args.methods if m not in METHODS]
@@ -227,18 +240,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def merge_payloads(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]], float, bool]:
+    """Runs (a later file wins per set, method and seed), baselines, the longest wall time and the quick flag of
+    several quality.json files."""
+    runs: dict[tuple[str, str, int], dict[str, Any]] = {}
+    baselines: dict[str, dict[str, float]] = {}
+    seconds, quick = 0.0, False
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        if payload.get("benchmark") != "quality":
+            raise ValueError(f"--merge: {str(path)!r} is not a quality.json (benchmark {payload.get('benchmark')!r})")
+        runs.update({(r["set"], r["method"], int(r["seed"])): r for r in payload["runs"]})
+        for set_name, values in payload["baselines"].items():
+            baselines.setdefault(set_name, {}).update(values)
+        seconds, quick = max(seconds, float(payload["total_seconds"])), quick or bool(payload["quick"])
+    ordered = sorted(runs.values(), key=lambda r: (r["set"], METHODS.index(r["method"]), r["seed"]))
+    return ordered, baselines, seconds, quick
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.out = Path(args.out).resolve()
     t0 = time.perf_counter()
     runs = []
     baselines: dict[str, dict[str, float]] = {}
-    for set_name in args.sets:
-        data_root = ensure_samples(Path(args.samples).resolve(), set_name, args.out / "quality" / "data")
-        for method in args.methods:
-            for seed in args.seeds:
-                runs.append(train_one(args, set_name, method, seed, data_root))
-        baselines[set_name] = set_baselines(Path(runs[-1]["run_dir"]), forest=forest_available() and not args.quick)
+    merged_seconds = None
+    if args.merge:
+        runs, baselines, merged_seconds, args.quick = merge_payloads(args.merge)
+        args.sets = sorted({r["set"] for r in runs})
+        args.seeds = sorted({r["seed"] for r in runs})
+        args.methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    else:
+        for set_name in args.sets:
+            data_root = ensure_samples(Path(args.samples).resolve(), set_name, args.out / "quality" / "data")
+            for method in args.methods:
+                for seed in args.seeds:
+                    runs.append(train_one(args, set_name, method, seed, data_root))
+            forest = forest_available() and not args.quick
+            baselines[set_name] = set_baselines(Path(runs[-1]["run_dir"]), forest=forest)
     summary = summarise(runs)
     names = [n for n in (MAJORITY, OTSU, FOREST) if any(n in b for b in baselines.values())]
     baseline_table = markdown_table(
@@ -269,12 +308,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 _pm(s["prototypes_after_projection_mean"], s["prototypes_after_projection_std"], 1),
                 _pm(s["prototypes_after_grouping_or_pruning_mean"], s["prototypes_after_grouping_or_pruning_std"], 1),
                 _pm(s["sparsity_mean"], s["sparsity_std"], 2),
-                round(s["seconds_total"]),
+                "-" if s["seconds_total"] is None else round(s["seconds_total"]),
             ]
             for s in summary
         ],
     )
-    minutes = (time.perf_counter() - t0) / 60.0
+    minutes = (merged_seconds if merged_seconds is not None else time.perf_counter() - t0) / 60.0
     targets = [{"target": "finishes in under 60 minutes", "value": minutes, "met": bool(minutes < 60.0)}]
     target_table = markdown_table(
         ["target", "value (min)", "verdict"], [[t["target"], t["value"], verdict(t["met"])] for t in targets]
@@ -286,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "methods": args.methods,
             "configs": "configs/samples/<set>_<method>.yaml",
             "torch_threads": torch.get_num_threads(),
+            **({"merged_from": [str(p) for p in args.merge]} if args.merge else {}),
         },
         "runs": runs,
         "summary": summary,

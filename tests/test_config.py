@@ -130,6 +130,12 @@ def test_output_stride_error_names_every_supported_value():
     assert load_config(None, [*lite, "model.output_stride=4"]).model.output_stride == 4
     with pytest.raises(ConfigError, match=r"2 is not supported by efficientnet_lite0; expected one of \[4"):
         load_config(None, [*lite, "model.output_stride=2"])
+    unet = [*lite, "model.backbone_options={features: unet}"]
+    assert load_config(None, [*unet, "model.output_stride=2"]).model.output_stride == 2
+    with pytest.raises(
+        ConfigError, match=r"16 is not supported by efficientnet_lite0/unet; expected one of \[1, 2, 4, 8\]"
+    ):
+        load_config(None, [*unet, "model.output_stride=16"])
 
 
 def test_configs_path_falls_back_to_the_shipped_copy(tmp_path, monkeypatch):

