@@ -145,6 +145,14 @@ INIT_BACKBONES = {
     # the sample configs' ASPP init for this backbone (its signed stage features have rms ~7.9: at DeepLabv2's 0.01
     # the CE at step 0 is 2.3-6.2 nats above log C; docs/results/learning.md)
     "efficientnet_lite0": dict(output_stride=8, pretrained="package", aspp_init_std=1e-3),
+    # the sample configs' backbone: the same encoder with a U-Net decoder to output stride 2
+    "efficientnet_lite0/unet": dict(
+        backbone="efficientnet_lite0",
+        output_stride=2,
+        pretrained="package",
+        aspp_init_std=1e-3,
+        backbone_options={"features": "unet", "decoder_channels": 64},
+    ),
 }
 ASPP_INIT = "ASPP weights N(0, 0.01), 4 summed branches"
 INIT_CASES = [
@@ -165,6 +173,9 @@ INIT_CASES = [
     pytest.param("deeplabv2", "efficientnet_lite0", marks=needs_lite),
     pytest.param("protoseg", "efficientnet_lite0", marks=needs_lite),
     pytest.param("scaleprotoseg", "efficientnet_lite0", marks=needs_lite),
+    pytest.param("deeplabv2", "efficientnet_lite0/unet", marks=needs_lite),
+    pytest.param("protoseg", "efficientnet_lite0/unet", marks=needs_lite),
+    pytest.param("scaleprotoseg", "efficientnet_lite0/unet", marks=needs_lite),
 ]
 
 
@@ -177,13 +188,14 @@ def test_initial_loss_is_near_log_c(method, backbone):
     for num_classes in (2, 3, 5):
         for seed in (0, 1, 2):
             torch.manual_seed(seed)
+            spec = dict(INIT_BACKBONES[backbone])
             cfg = ModelConfig(
                 method=method,
-                backbone=backbone,
+                backbone=spec.pop("backbone", backbone),
                 aspp_rates=[1, 2, 3, 4],
                 aspp_channels=16,
                 prototypes_per_class=3 if method == "protoseg" else 2,
-                **INIT_BACKBONES[backbone],
+                **spec,
             )
             model = build_model(cfg, num_classes).eval()
             labels = torch.randint(0, num_classes, (2, size, size), generator=torch.Generator().manual_seed(seed))
