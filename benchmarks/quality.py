@@ -168,12 +168,13 @@ def train_one(args: argparse.Namespace, set_name: str, method: str, seed: int, d
         "seconds": None if finished_before else seconds,
         "seconds_per_step": None if finished_before else seconds / max(steps, 1),
     }
-    timing = "trained earlier" if finished_before else f"{seconds:.0f} s ({seconds / max(steps, 1):.2f} s/step incl. "
-    print(
-        f"  {set_name:<8} {method:<13} seed {seed}: mIoU {row['val_miou']:.4f}  {timing}"
-        + ("" if finished_before else "projection and validation)"),
-        flush=True,
+    per_step = row["seconds_per_step"]
+    timing = (
+        "trained earlier"
+        if per_step is None
+        else f"{seconds:.0f} s ({per_step:.2f} s/step incl. projection and validation)"
     )
+    print(f"  {set_name:<8} {method:<13} seed {seed}: mIoU {row['val_miou']:.4f}  {timing}", flush=True)
     return row
 
 

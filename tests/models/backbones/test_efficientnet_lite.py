@@ -256,6 +256,16 @@ def test_unet_encoder_is_the_undilated_network_and_the_decoder_is_new() -> None:
     assert all(b.abs().max() == 0 for n, b in unet.decoder.named_parameters() if n.endswith("bias"))
 
 
+def test_unet_with_classifier_decodes_stage_5() -> None:
+    # with the classifier, stages 6-7 exist too; the decoder must still read stage 5 and give the same features
+    with_fc = EfficientNetLite0(output_stride=2, features="unet", with_classifier=True).eval()
+    plain = EfficientNetLite0(output_stride=2, features="unet").eval()
+    plain.load_state_dict({k: v for k, v in with_fc.state_dict().items() if k in plain.state_dict()})
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(with_fc(x), plain(x))
+
+
 def test_unet_decoder_is_in_the_aspp_group_of_the_segmenter() -> None:
     from scaleprotoseg.models.heads import make_head
     from scaleprotoseg.models.segmenter import Segmenter

@@ -86,6 +86,7 @@ FEATURES = ("stages", "head", "unet")
 _STAGE_TAPS = (4, 7, 10)  # last block of stages 3, 4 and 5 (40, 80 and 112 channels)
 # U-Net skips: last block of stages 1, 2 and 3 (native strides 2, 4 and 8) and the channels of each
 _SKIP_TAPS = {2: (0, 16), 4: (2, 24), 8: (4, 40)}
+_SKIP_STRIDE_OF_BLOCK = {block: stride for stride, (block, _) in _SKIP_TAPS.items()}
 _UNET_ENCODER_STRIDE = 16
 
 
@@ -328,12 +329,12 @@ class EfficientNetLite0(Backbone):
 
     def _forward_unet(self, image: torch.Tensor) -> torch.Tensor:
         skips = {1: image}
-        taps = {block: stride for stride, (block, _) in _SKIP_TAPS.items()}
         x = self._stem(image)
-        for idx, block in enumerate(self.blocks):
+        # up to stage 5 only: a model built with its classifier also holds stages 6-7, which the decoder does not read
+        for idx, block in enumerate(self.blocks[: _STAGE_TAPS[-1] + 1]):
             x = block(x)
-            if idx in taps:
-                skips[taps[idx]] = x
+            if idx in _SKIP_STRIDE_OF_BLOCK:
+                skips[_SKIP_STRIDE_OF_BLOCK[idx]] = x
         for stride, level in self.decoder.items():
             x = level(x, skips[int(stride)])
         return x
